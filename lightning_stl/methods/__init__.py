@@ -1,0 +1,5 @@
+"""LightningModules, one per method family."""
+
+from lightning_stl.methods.smooth_transfer import SmoothTransfer, smooth_transfer_loss
+
+__all__ = ["SmoothTransfer", "smooth_transfer_loss"]

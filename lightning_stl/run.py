@@ -1,0 +1,294 @@
+"""Hydra entry point: compose → instantiate → fit each stage → test the best checkpoint → metric.
+
+    python -m lightning_stl.run                          # Smooth Transfer on the embedded digits
+    python -m lightning_stl.run +experiment=svhn_mnist   # the paper's SVHN/MNIST setting
+    python -m lightning_stl.run method=finetune data.target_size=50
+
+A method is a list of stages (:class:`Stage`); most have one, ``finetune`` has two (source
+training, then target fine-tuning of the same backbone with a new learning-rate schedule). Each
+stage is one ``Trainer.fit`` whose checkpoints live in ``<run dir>/checkpoints/<stage>/``; a run
+started again in the same folder (``hydra.run.dir=...``) skips finished stages and resumes the
+unfinished one from its ``last.ckpt``. The run tests the checkpoint with the best target-validation
+accuracy, writes ``metrics.json``, ``target_weight.csv`` and ``target_weight.png`` into the run
+folder, and returns the best validation accuracy for a sweeper to maximise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_stl.data import SourceTargetDataModule
+from lightning_stl.methods import SmoothTransfer
+from lightning_stl.reporting.target_weight_plot import plot_target_weight
+from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+
+
+def _config_dir() -> str:
+    """``conf/`` beside the package (a source checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if candidate.is_dir():
+            return str(candidate)
+    raise FileNotFoundError(f"no conf/ folder next to {here}; install with `pip install -e .`")
+
+
+@dataclass
+class Stage:
+    """One ``Trainer.fit`` of a method: how long, on which data, with which λ(t)."""
+
+    name: str
+    epochs: int
+    epoch_basis: str
+    target_weight: TargetWeightSchedule
+    copy_source_batchnorm: bool = False
+
+    @classmethod
+    def from_config(cls, conf: DictConfig) -> Stage:
+        epochs = conf.epochs
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(
+                f"stage {conf.name!r}: epochs={epochs} is not allowed: it must be an integer >= 1"
+            )
+        schedule = hydra.utils.instantiate(conf.target_weight, _convert_="all")
+        return cls(
+            name=str(conf.name),
+            epochs=epochs,
+            epoch_basis=str(conf.epoch_basis),
+            target_weight=schedule,
+            copy_source_batchnorm=bool(conf.get("copy_source_batchnorm", False)),
+        )
+
+    @property
+    def validates(self) -> bool:
+        """A stage validates (and early-stops) only when it trains the target head."""
+        return TARGET in self.target_weight.domains()
+
+
+def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> SmoothTransfer:
+    """The LightningModule for ``cfg``, sized for the data sets of ``datamodule``."""
+    return SmoothTransfer(
+        backbone=cfg.backbone.name,
+        backbone_options=OmegaConf.to_container(cfg.backbone.options, resolve=True),
+        in_chans=cfg.backbone.in_chans,
+        num_target_classes=datamodule.num_target_classes,
+        num_source_classes=datamodule.num_source_classes,
+        batchnorm=cfg.batchnorm,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+    )
+
+
+def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = []
+    for key, conf in (cfg.get("callbacks") or {}).items():
+        if conf is None:
+            continue
+        monitors_validation = str(conf.get("monitor", "")).startswith("val/")
+        if "ProgressBar" in conf.get("_target_", "") and not cfg.trainer.get(
+            "enable_progress_bar", True
+        ):
+            continue
+        if conf.get("_target_", "").endswith("ModelCheckpoint"):
+            overrides: dict[str, Any] = {"dirpath": str(checkpoint_dir)}
+            if not stage.validates:
+                overrides.update(monitor=None, save_top_k=0)
+            callbacks.append(hydra.utils.instantiate(conf, **overrides))
+        elif monitors_validation and not stage.validates:
+            log.info("stage %s does not validate: callback %s left out", stage.name, key)
+        else:
+            callbacks.append(hydra.utils.instantiate(conf))
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        raise ValueError(
+            "callbacks.model_checkpoint is required: every run tests its best checkpoint"
+        )
+    return callbacks
+
+
+def _loggers(cfg: DictConfig, stage: Stage) -> list[Any]:
+    loggers = []
+    for conf in (cfg.get("logger") or {}).values():
+        if conf is not None:
+            loggers.append(hydra.utils.instantiate(conf, version=stage.name))
+    return loggers
+
+
+def run_stage(
+    cfg: DictConfig,
+    stage: Stage,
+    index: int,
+    module: SmoothTransfer,
+    datamodule: SourceTargetDataModule,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Fit one stage (or pick up its finished result) and return its summary."""
+    stage_dir = run_dir / "checkpoints" / stage.name
+    done = stage_dir / STAGE_FILE
+    datamodule.configure_training(stage.target_weight.domains(), stage.epoch_basis)
+    if done.exists():
+        summary = json.loads(done.read_text())
+        state = torch.load(summary["last_model_path"], map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+        log.info("stage %s already finished: loaded %s", stage.name, summary["last_model_path"])
+        return summary
+
+    L.seed_everything(cfg.seed + index, workers=True, verbose=False)
+    if stage.copy_source_batchnorm:
+        module.model.copy_source_statistics_to_target()
+    scheduler = TargetWeightScheduler(stage.target_weight)
+    callbacks = _callbacks(cfg, stage, stage_dir)
+    extra: dict[str, Any] = {}
+    if not stage.validates:
+        extra = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_epochs=stage.epochs,
+        callbacks=[scheduler, *callbacks],
+        logger=_loggers(cfg, stage),
+        default_root_dir=str(run_dir),
+        **extra,
+    )
+    last = stage_dir / "last.ckpt"
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    checkpoint = trainer.checkpoint_callback
+    summary: dict[str, Any] = {
+        "name": stage.name,
+        "epochs": stage.epochs,
+        "epoch_basis": stage.epoch_basis,
+        "total_steps": scheduler.total_steps,
+        "schedule": stage.target_weight.describe(),
+        "target_weight": [[step, scheduler.history[step]] for step in sorted(scheduler.history)],
+        "last_model_path": checkpoint.last_model_path,
+        "best_model_path": checkpoint.best_model_path or None,
+        "best_val_acc": _float(checkpoint.best_model_score),
+        "best_step": None,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    if summary["best_model_path"]:
+        header = torch.load(summary["best_model_path"], map_location="cpu", weights_only=True)
+        summary["best_step"] = int(header["global_step"])
+    if not summary["last_model_path"]:
+        trainer.save_checkpoint(last)
+        summary["last_model_path"] = str(last)
+    done.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _test(
+    cfg: DictConfig, module: SmoothTransfer, datamodule: SourceTargetDataModule, best: str
+) -> float:
+    """Load the best-validation checkpoint into ``module`` and return its target test accuracy."""
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    return float(results[0]["test/acc"])
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data`` and write the run's result files.
+
+    Returns the contents of ``metrics.json``.
+    """
+    started = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = [Stage.from_config(conf) for conf in cfg.method.stages]
+    if not stages[-1].validates:
+        raise ValueError(f"method {cfg.method.name!r} must end with a stage that trains the target")
+    datamodule: SourceTargetDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
+    module = build_module(cfg, datamodule)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    summaries = [
+        run_stage(cfg, stage, index, module, datamodule, run_dir)
+        for index, stage in enumerate(stages)
+    ]
+    final = summaries[-1]
+    test_acc = _test(cfg, module, datamodule, final["best_model_path"])
+
+    offset, rows = 0, []
+    for summary in summaries:
+        for step, weight in summary["target_weight"]:
+            rows.append((summary["name"], step, offset + step, weight))
+        offset += summary["total_steps"] or 0
+    best_step = (offset - (final["total_steps"] or 0)) + final["best_step"]
+    metrics = {
+        "method": cfg.method.name,
+        "best_val_acc": final["best_val_acc"],
+        "best_step": best_step,
+        "test_acc": test_acc,
+        "total_steps": offset,
+        "target_weight": [s["schedule"] for s in summaries],
+        "omega_absolute": _absolute_omega(stages[-1].target_weight, final["total_steps"]),
+        "seed": cfg.seed,
+        **datamodule.describe(),
+        "stages": [{k: v for k, v in s.items() if k != "target_weight"} for s in summaries],
+        "wall_time_s": time.perf_counter() - started,
+    }
+    with open(run_dir / "target_weight.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stage", "stage_step", "step", "target_weight"])
+        writer.writerows(rows)
+    plot_target_weight(
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        run_dir / "target_weight.png",
+        best_step=best_step,
+        title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
+        f"N={metrics['target_size']}, test acc {test_acc:.3f}",
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log.info(
+        "best validation accuracy %.4f at step %d; test accuracy of that checkpoint %.4f",
+        metrics["best_val_acc"],
+        best_step,
+        test_acc,
+    )
+    print(
+        f"target test accuracy (best-validation checkpoint, step {best_step}): {test_acc:.4f}  "
+        f"[val {metrics['best_val_acc']:.4f}]  -> {run_dir}"
+    )
+    return metrics
+
+
+def _absolute_omega(
+    schedule: TargetWeightSchedule, total_steps: int | None
+) -> dict[str, float] | None:
+    absolute = getattr(schedule, "absolute", None)
+    if absolute is None or not total_steps:
+        return None
+    t0, tau, alpha = absolute(total_steps)
+    return {"t0": t0, "tau": tau if math.isfinite(tau) else "inf", "alpha": alpha}
+
+
+@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train, test the best-validation checkpoint, and return its validation accuracy."""
+    return float(train(cfg)["best_val_acc"])
+
+
+if __name__ == "__main__":
+    main()

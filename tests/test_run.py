@@ -1,0 +1,308 @@
+"""End-to-end runs of the entry point on the embedded digits pair, with tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import open_dict
+
+from lightning_stl.data import DatasetNotFoundError
+from lightning_stl.methods import SmoothTransfer
+from lightning_stl.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_weights(run_dir: Path) -> list[tuple[str, int, float]]:
+    with open(run_dir / "target_weight.csv") as handle:
+        return [
+            (r["stage"], int(r["step"]), float(r["target_weight"])) for r in csv.DictReader(handle)
+        ]
+
+
+def final_state(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / stage / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_main_entry_point_trains_tests_and_writes_its_files(tmp_path, subprocess_env):
+    run_dir = tmp_path / "cli"
+    from tests.conftest import TINY
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_stl.run", *TINY, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "target test accuracy (best-validation checkpoint" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "smooth" and metrics["target_size"] == 30
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and 0.0 <= metrics["best_val_acc"] <= 1.0
+    assert metrics["target_weight"][0]["schedule"] == "sigmoid"
+    assert metrics["wall_time_s"] > 0
+    rows = read_weights(run_dir)
+    # 400 source images / 64 = 7 steps per epoch, 2 epochs
+    assert [r[1] for r in rows] == list(range(1, metrics["total_steps"] + 1))
+    assert metrics["total_steps"] == 14
+    assert 1 <= metrics["best_step"] <= 14 and metrics["best_step"] % 7 == 0
+    assert (run_dir / "target_weight.png").stat().st_size > 10_000
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "csv" / "joint" / "metrics.csv").exists()
+
+
+def test_applied_weights_follow_eq4(make_cfg):
+    cfg = make_cfg(
+        "method.target_weight.t0=0.1",
+        "method.target_weight.tau=0.07",
+        "method.target_weight.alpha=0.3",
+    )
+    metrics = train(cfg)
+    T = metrics["total_steps"]
+    for _, t, weight in read_weights(Path(cfg.paths.output_dir)):
+        expected = 1 / (1 + math.exp(-(t - T / 2 - 0.1 * T) / (0.07 * T) + 0.3))
+        assert weight == pytest.approx(expected, rel=1e-12)
+
+
+def test_tau_to_zero_reproduces_the_step_schedule_exactly(make_cfg, tmp_path):
+    smooth = make_cfg(
+        "method.target_weight.tau=1e-9", "method.target_weight.t0=0.05", output_dir=tmp_path / "a"
+    )
+    step = make_cfg(
+        "method.target_weight._target_=lightning_stl.schedule.StepTargetWeight",
+        "~method.target_weight.tau",
+        "method.target_weight.t0=0.05",
+        output_dir=tmp_path / "b",
+    )
+    m_smooth, m_step = train(smooth), train(step)
+    w_smooth, w_step = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
+    assert w_smooth == w_step
+    assert {w for *_, w in w_smooth} == {0.0, 1.0}
+    a, b = final_state(tmp_path / "a", "joint"), final_state(tmp_path / "b", "joint")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert m_smooth["test_acc"] == m_step["test_acc"]
+
+
+def test_tau_to_infinity_reproduces_the_constant_schedule_exactly(make_cfg, tmp_path):
+    alpha = 0.8
+    smooth = make_cfg(
+        "method.target_weight.tau=1e30",
+        f"method.target_weight.alpha={alpha}",
+        output_dir=tmp_path / "a",
+    )
+    constant = make_cfg(
+        "method=multitask",
+        f"method.weight={1 / (1 + math.exp(alpha))!r}",
+        output_dir=tmp_path / "b",
+    )
+    train(smooth), train(constant)
+    w_smooth, w_const = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
+    assert [w for *_, w in w_smooth] == [w for *_, w in w_const]
+    a, b = final_state(tmp_path / "a", "joint"), final_state(tmp_path / "b", "joint")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_target_only_trains_on_epochs_of_the_target(make_cfg):
+    cfg = make_cfg("method=target_only")
+    metrics = train(cfg)
+    # N = 30 with a sub-batch of 64: one step per epoch
+    assert metrics["total_steps"] == 2
+    assert [w for *_, w in read_weights(Path(cfg.paths.output_dir))] == [1.0, 1.0]
+
+
+def test_finetune_trains_the_source_then_the_target(make_cfg):
+    cfg = make_cfg("method=finetune", "batchnorm=per_domain")
+    metrics = train(cfg)
+    rows = read_weights(Path(cfg.paths.output_dir))
+    stages = [r[0] for r in rows]
+    assert stages == ["source"] * 14 + ["target"] * 2
+    assert [r[2] for r in rows] == [0.0] * 14 + [1.0] * 2
+    assert [r[1] for r in rows] == list(range(1, 17))
+    assert metrics["best_step"] > 14  # tested checkpoint comes from the fine-tuning stage
+    src = final_state(Path(cfg.paths.output_dir), "source")
+    tgt = final_state(Path(cfg.paths.output_dir), "target")
+    # the fine-tuning stage started from the source stage's backbone, not from scratch
+    name = next(k for k in src if k.startswith("model.backbone") and k.endswith("weight"))
+    assert not torch.equal(src[name], tgt[name])
+    assert (src[name] - tgt[name]).abs().mean() < src[name].abs().mean()
+
+
+def test_zero_weighted_sub_batch_costs_no_forward_or_backward(make_cfg, monkeypatch):
+    seen = []
+    from lightning_stl.models.source_target import SourceTargetClassifier
+
+    original = SourceTargetClassifier.forward
+
+    def spy(self, target_x=None, source_x=None):
+        if self.training:
+            seen.append((target_x is not None, source_x is not None))
+        return original(self, target_x, source_x)
+
+    monkeypatch.setattr(SourceTargetClassifier, "forward", spy)
+    train(make_cfg("method.target_weight.tau=1e-9", "method.target_weight.t0=0.05"))
+    assert seen[:7] == [(False, True)] * 7 and seen[7:] == [(True, False)] * 7
+
+
+def test_per_domain_checkpoint_round_trip(make_cfg):
+    cfg = make_cfg("batchnorm=per_domain")
+    train(cfg)
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "joint" / "last.ckpt"
+    module = SmoothTransfer.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.endswith("source_running_mean") for k in state)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    norm = next(m for m in module.modules() if type(m).__name__ == "DomainBatchNorm")
+    assert not torch.equal(norm.norm.running_mean, norm.source_running_mean)
+
+
+def test_same_seed_gives_the_same_metrics(make_cfg, tmp_path):
+    a = train(make_cfg(output_dir=tmp_path / "a"))
+    b = train(make_cfg(output_dir=tmp_path / "b"))
+    for key in ("best_val_acc", "best_step", "test_acc"):
+        assert a[key] == b[key]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
+    run_dir = tmp_path / "resume"
+    args = [
+        sys.executable,
+        "-m",
+        "lightning_stl.run",
+        "data.source_options.num_images=400",
+        "data.target_size=30",
+        "data.source_batch_size=16",
+        "data.target_batch_size=16",
+        "epochs.joint=40",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(
+        args, cwd=ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = run_dir / "checkpoints" / "joint" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if last.exists():
+            step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+            if step >= 50:
+                break
+        time.sleep(0.2)
+    assert first.poll() is None, "the first run ended before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < killed_at < 1000 and not (run_dir / "metrics.json").exists()
+
+    second = subprocess.run(
+        args, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in second.stderr + second.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["total_steps"] == 25 * 40
+    rows = read_weights(run_dir)
+    assert [r[1] for r in rows] == list(
+        range(1, 1001)
+    )  # the whole curve, before and after the kill
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "pattern"),
+    [
+        (["method.target_weight.tau=0"], ValueError, r"tau=0.0 is not allowed.*> 0"),
+        (["method.target_weight.tau=-2"], ValueError, r"tau=-2.0 is not allowed"),
+        (
+            ["data.target_size=5000"],
+            ValueError,
+            r"target_size=5000 exceeds the 997 training images of digits",
+        ),
+        (["data.target_size=0"], ValueError, r"target_size=0 is not allowed.*>= 1"),
+        (
+            ["data.target=digitz"],
+            ValueError,
+            r"unknown data set 'digitz'; known data sets: .*digits",
+        ),
+        (["backbone.name=resnet2O"], ValueError, r"resnet2O.*resnet20"),
+        (["data.target_batch_size=0"], ValueError, r"target_batch_size=0 is not allowed.*> 0"),
+        (["data.source_batch_size=-4"], ValueError, r"source_batch_size=-4 is not allowed"),
+        (["batchnorm=domain"], ValueError, r"batchnorm='domain' is not allowed"),
+    ],
+)
+def test_bad_input_stops_before_training_with_a_clear_message(make_cfg, overrides, error, pattern):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(Exception) as info:
+        train(cfg)
+    # Hydra's instantiate wraps constructor errors; the message of the cause must say it all
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__
+    assert any(isinstance(e, error) for e in chain)
+    assert any(__import__("re").search(pattern, str(e)) for e in chain), [str(e) for e in chain]
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_unknown_method_names_the_allowed_ones(make_cfg):
+    with pytest.raises((MissingConfigException, HydraException), match=r"(?s)method/smoth.*smooth"):
+        make_cfg("method=smoth")
+
+
+def test_missing_data_with_download_off_names_folder_and_flag(make_cfg, tmp_path):
+    cfg = make_cfg("+experiment=svhn_mnist", tiny=False)
+    with open_dict(cfg):
+        cfg.data.root = str(tmp_path / "empty")
+    with pytest.raises(Exception) as info:
+        train(cfg)
+    exc = info.value
+    while exc is not None and not isinstance(exc, DatasetNotFoundError):
+        exc = exc.__cause__ or exc.__context__
+    assert isinstance(exc, DatasetNotFoundError)
+    assert (
+        "train_32x32.mat" in str(exc) and "data.download=true" in str(exc) and "empty" in str(exc)
+    )
+
+
+def test_paper_experiment_configs_carry_the_appendix_settings(make_cfg):
+    svhn = make_cfg("+experiment=svhn_mnist", tiny=False)
+    assert (svhn.data.target, svhn.data.source, svhn.backbone.name) == ("svhn", "mnist", "wrn10_2")
+    assert svhn.batchnorm == "per_domain" and svhn.backbone.options.drop_rate == 0.4
+    assert (svhn.epochs.joint, svhn.epochs.single) == (336, 160)
+    assert (svhn.optimizer.lr, svhn.optimizer.final_lr, svhn.optimizer.weight_decay) == (
+        1e-2,
+        1e-4,
+        5e-4,
+    )
+    assert dict(svhn.data.source_options) == {"image_size": 32, "channels": 3}
+    cifar = make_cfg("+experiment=cifar10_cifar100", tiny=False)
+    assert (cifar.data.target, cifar.data.source, cifar.backbone.name) == (
+        "cifar10",
+        "cifar100",
+        "resnet20",
+    )
+    assert cifar.batchnorm == "shared" and (cifar.epochs.joint, cifar.epochs.single) == (380, 200)
+    assert (cifar.optimizer.lr, cifar.optimizer.final_lr, cifar.optimizer.weight_decay) == (
+        0.1,
+        1e-3,
+        1e-4,
+    )
+    for cfg in (svhn, cifar):
+        assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.warmup_fraction == 0.025
+        assert cfg.data.target_batch_size == cfg.data.source_batch_size == 128
+    assert np.isclose(cifar.optimizer.lr, 0.1)
