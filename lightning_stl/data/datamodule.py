@@ -1,0 +1,298 @@
+"""A source and a target data set as one LightningDataModule.
+
+Training yields a ``CombinedLoader`` of ``{"target": (x, y), "source": (x, y)}``: two sub-batches
+drawn uniformly from the target training subset and from the source set (Smooth Transfer
+Learning, Eq. 7). An epoch is a fixed number of steps, counted with respect to the source set by
+default ("380 epochs with respect to the source dataset", Appendix A.1), or to the target set for
+single-data-set training. Each sub-batch stream is a sequence of random permutations of its set,
+so a set smaller than its sub-batch appears ⌊B/N⌋ or ⌈B/N⌉ times in each sub-batch.
+
+Validation and test use the target's held-out validation split and its official test split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from lightning_stl.data.augment import BatchAugment, Normalize
+from lightning_stl.data.image_set import ImageSet
+from lightning_stl.data.registry import get_dataset
+from lightning_stl.schedule import SOURCE, TARGET
+
+EPOCH_BASES = (SOURCE, TARGET)
+
+
+class InMemoryDataset(Dataset):
+    """Batched indexing into an :class:`ImageSet`: one gather per batch, no per-sample collation."""
+
+    def __init__(self, data: ImageSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.data.images[index], self.data.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.data.images[index], self.data.labels[index]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate function for :meth:`InMemoryDataset.__getitems__`, which already returns a batch."""
+    return batch
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``size`` of ``labels``, stratified by class when every class can appear."""
+    n = len(labels)
+    if size >= n:
+        return np.arange(n)
+    num_classes = len(np.unique(labels))
+    stratify = labels if num_classes <= size <= n - num_classes else None
+    chosen, _ = train_test_split(
+        np.arange(n), train_size=size, stratify=stratify, random_state=seed
+    )
+    return np.sort(chosen)
+
+
+class SourceTargetDataModule(L.LightningDataModule):
+    """Target (training subset of size N, validation, test) and source (training) data.
+
+    Args:
+        target: Name of the target data set (see :data:`lightning_stl.data.registry.DATASETS`).
+        source: Name of the source data set, or ``None`` for target-only work.
+        root: Folder the data sets are read from (and downloaded to, with ``download``).
+        download: Download absent data in ``prepare_data``.
+        target_size: N, the size of the target training subset; ``None`` for the whole pool.
+        target_batch_size, source_batch_size: Sub-batch sizes (128 each in the paper).
+        eval_batch_size: Batch size for validation and test.
+        split_seed: Seed of the fixed target train/validation (and, for digits, test) split.
+        subset_seed: Seed of the draw of the N training images.
+        target_options, source_options: Keyword options of the data sets' loaders.
+        target_augment, source_augment: Batch augmentation; ``None`` takes the data set's default.
+        num_workers: DataLoader workers (0 is fastest for in-memory data).
+    """
+
+    def __init__(
+        self,
+        target: str = "digits",
+        source: str | None = "rendered_digits",
+        root: str | Path = "data",
+        download: bool = False,
+        target_size: int | None = None,
+        target_batch_size: int = 128,
+        source_batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        split_seed: int = 0,
+        subset_seed: int = 0,
+        target_options: dict[str, Any] | None = None,
+        source_options: dict[str, Any] | None = None,
+        target_augment: BatchAugment | dict[str, Any] | None = None,
+        source_augment: BatchAugment | dict[str, Any] | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.target_spec = get_dataset(target)
+        self.source_spec = get_dataset(source) if source is not None else None
+        for name, value in (
+            ("target_batch_size", target_batch_size),
+            ("source_batch_size", source_batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name}={value} is not allowed: it must be an integer > 0")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} is not allowed: it must be >= 0")
+        self.target_name, self.source_name = target, source
+        self.root = Path(root)
+        self.download = bool(download)
+        self.target_size = target_size
+        self._check_target_size(self.target_spec.train_size)
+        self.batch_size = {TARGET: target_batch_size, SOURCE: source_batch_size}
+        self.eval_batch_size = eval_batch_size
+        self.split_seed, self.subset_seed = int(split_seed), int(subset_seed)
+        self.options = {TARGET: dict(target_options or {}), SOURCE: dict(source_options or {})}
+        self.augment = {
+            TARGET: _as_augment(target_augment, self.target_spec.augment),
+            SOURCE: _as_augment(
+                source_augment, self.source_spec.augment if self.source_spec else BatchAugment()
+            ),
+        }
+        self.num_workers = int(num_workers)
+        self.train_domains: tuple[str, ...] = (TARGET, SOURCE) if source is not None else (TARGET,)
+        self.epoch_basis = SOURCE if source is not None else TARGET
+        self.train_sets: dict[str, ImageSet] = {}
+        self.val_set: ImageSet | None = None
+        self.test_set: ImageSet | None = None
+        self.normalize: dict[str, Normalize] = {}
+
+    # ------------------------------------------------------------------ configuration
+    def _check_target_size(self, official_train_size: int | None) -> None:
+        n = self.target_size
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"data.target_size={n} is not allowed: it must be an integer >= 1")
+        if official_train_size is None:
+            return
+        pool = official_train_size - self.target_spec.val_size
+        if n > pool:
+            raise ValueError(
+                f"data.target_size={n} exceeds the {pool:,} training images of "
+                f"{self.target_name} ({official_train_size:,} minus {self.target_spec.val_size:,} "
+                f"held out for validation); allowed: 1 to {pool:,}"
+            )
+
+    def configure_training(self, domains: Sequence[str], epoch_basis: str) -> None:
+        """Which sub-batches the training loader yields, and which set an epoch counts."""
+        domains = tuple(d for d in (TARGET, SOURCE) if d in domains)
+        if not domains:
+            raise ValueError("training needs at least one of the domains 'target' and 'source'")
+        if SOURCE in domains and self.source_spec is None:
+            raise ValueError("this method trains on the source, but data.source is null")
+        if epoch_basis not in EPOCH_BASES:
+            raise ValueError(
+                f"epoch_basis={epoch_basis!r} is not allowed: choose one of {', '.join(EPOCH_BASES)}"
+            )
+        if epoch_basis == SOURCE and self.source_spec is None:
+            raise ValueError("epoch_basis='source' needs a source data set, but data.source is null")
+        self.train_domains, self.epoch_basis = domains, epoch_basis
+
+    # ------------------------------------------------------------------ loading
+    def prepare_data(self) -> None:
+        """Download absent data (``data.download=true``); render and cache generated sets."""
+        if self.download:
+            self.target_spec.load(self.root, download=True, **self.options[TARGET])
+            if self.source_spec is not None:
+                self.source_spec.load(self.root, download=True, **self.options[SOURCE])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_set is not None:
+            return
+        target = self.target_spec.load(self.root, download=False, **self.options[TARGET])
+        train, self.test_set = target["train"], target["test"]
+        labels = train.labels.numpy()
+        val_size = self.target_spec.val_size
+        if val_size >= len(train):
+            raise ValueError(
+                f"{self.target_name} has {len(train)} training images, too few to hold out "
+                f"{val_size} for validation"
+            )
+        pool_idx, val_idx = train_test_split(
+            np.arange(len(train)), test_size=val_size, stratify=labels, random_state=self.split_seed
+        )
+        pool_idx, val_idx = np.sort(pool_idx), np.sort(val_idx)
+        self.val_set = train.subset(val_idx)
+        self._check_target_size(len(train))
+        if self.target_size is not None:
+            pool_idx = pool_idx[stratified_subset(labels[pool_idx], self.target_size, self.subset_seed)]
+        self.train_sets[TARGET] = train.subset(pool_idx)
+        if self.source_spec is not None:
+            self.train_sets[SOURCE] = self.source_spec.load(
+                self.root, download=False, **self.options[SOURCE]
+            )["train"]
+        for domain, data in self.train_sets.items():
+            mean, std = data.channel_stats()
+            self.normalize[domain] = Normalize(mean, std, data.max_value)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_target_classes(self) -> int:
+        return self.target_spec.num_classes
+
+    @property
+    def num_source_classes(self) -> int:
+        return self.source_spec.num_classes if self.source_spec else self.target_spec.num_classes
+
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch: ⌈|basis set| / its sub-batch size⌉."""
+        return math.ceil(len(self.train_sets[self.epoch_basis]) / self.batch_size[self.epoch_basis])
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes and names, for result files (after :meth:`setup`)."""
+        return {
+            "target": self.target_name,
+            "source": self.source_name,
+            "target_size": len(self.train_sets[TARGET]),
+            "source_size": len(self.train_sets[SOURCE]) if SOURCE in self.train_sets else 0,
+            "val_size": len(self.val_set) if self.val_set is not None else 0,
+            "test_size": len(self.test_set) if self.test_set is not None else 0,
+            "split_seed": self.split_seed,
+            "subset_seed": self.subset_seed,
+        }
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> CombinedLoader:
+        steps = self.steps_per_epoch()
+        loaders = {}
+        for domain in self.train_domains:
+            dataset = InMemoryDataset(self.train_sets[domain])
+            batch = self.batch_size[domain]
+            sampler = RandomSampler(dataset, replacement=False, num_samples=steps * batch)
+            loaders[domain] = DataLoader(
+                dataset,
+                batch_size=batch,
+                sampler=sampler,
+                drop_last=True,
+                collate_fn=keep_batch,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+        return CombinedLoader(loaders, mode="min_size")
+
+    def _eval_loader(self, data: ImageSet | None) -> DataLoader:
+        if data is None:
+            raise RuntimeError("call setup() before asking for evaluation data")
+        return DataLoader(
+            InMemoryDataset(data),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    # ------------------------------------------------------------------ on-device preprocessing
+    def preprocess(self, domain: str, images: Tensor, train: bool) -> Tensor:
+        """uint8 → [0, 1] → (augmentation when ``train``) → standardised, on the batch's device."""
+        normalize = self.normalize[domain]
+        x = normalize.scale(images)
+        if train and not self.augment[domain].is_identity:
+            x = self.augment[domain](x)
+        return normalize.standardize(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        training = self.trainer is not None and self.trainer.training
+        if isinstance(batch, dict):
+            return {
+                domain: (self.preprocess(domain, x, train=training), y)
+                for domain, (x, y) in batch.items()
+            }
+        x, y = batch
+        return self.preprocess(TARGET, x, train=False), y
+
+
+def _as_augment(value: BatchAugment | dict[str, Any] | None, default: BatchAugment) -> BatchAugment:
+    if value is None:
+        return default
+    if isinstance(value, BatchAugment):
+        return value
+    return BatchAugment(**dict(value))

@@ -1,0 +1,29 @@
+"""Errors raised where data enters the program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set is not on disk and may not (or could not) be downloaded.
+
+    The message names the folder that was searched, the files expected there, and the setting
+    that allows a download, so that one reading of it tells the user what to do.
+    """
+
+    def __init__(
+        self, name: str, folder: Path | str, expected: list[str], reason: str | None = None
+    ) -> None:
+        files = ", ".join(expected)
+        text = (
+            f"data set '{name}' was not found in {Path(folder).resolve()} "
+            f"(expected: {files}). Put the files there, or set data.download=true to download "
+            f"them into data.root"
+        )
+        if reason:
+            text += f"; the download failed: {reason}"
+        super().__init__(text + ".")
+        self.name = name
+        self.folder = Path(folder)
+        self.expected = expected
