@@ -186,12 +186,27 @@ def run_stage(
     if not summary["last_model_path"]:
         trainer.save_checkpoint(last)
         summary["last_model_path"] = str(last)
-    done.write_text(json.dumps(summary, indent=1))
+    _write_json(done, summary)
     return summary
 
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as the strings "inf", "-inf", "nan" (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(_jsonable(value), indent=1, allow_nan=False))
 
 
 def _test(
@@ -260,7 +275,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
         f"N={metrics['target_size']}, test acc {test_acc:.3f}",
     )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _write_json(run_dir / "metrics.json", metrics)
     log.info(
         "best validation accuracy %.4f at step %d; test accuracy of that checkpoint %.4f",
         metrics["best_val_acc"],
@@ -281,7 +296,7 @@ def _absolute_omega(
     if absolute is None or not total_steps:
         return None
     t0, tau, alpha = absolute(total_steps)
-    return {"t0": t0, "tau": tau if math.isfinite(tau) else "inf", "alpha": alpha}
+    return {"t0": t0, "tau": tau, "alpha": alpha}
 
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")

@@ -25,6 +25,16 @@ import numpy as np
 TARGET, SOURCE = "target", "source"
 
 
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the step about to run is one whose values the loggers write.
+
+    Lightning writes step values every ``log_every_n_steps`` optimiser steps, but each
+    ``LightningModule.log`` call costs about a millisecond on a CPU, so per-step values are logged
+    only on those steps (the same rule as Lightning's ``should_update_logs``).
+    """
+    return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+
+
 def _sigmoid(z: float) -> float:
     """1 / (1 + exp(−z)) for any z in [−inf, inf], without overflow.
 
@@ -209,7 +219,8 @@ class TargetWeightScheduler(L.Callback):
         weight = self.schedule(step, self.total_steps)
         pl_module.target_weight = weight
         self.history[step] = weight
-        pl_module.log("train/target_weight", weight, on_step=True, on_epoch=False)
+        if logs_this_step(trainer):
+            pl_module.log("train/target_weight", weight, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": dict(self.history), "total_steps": self.total_steps}

@@ -101,7 +101,7 @@ def test_tau_to_zero_reproduces_the_step_schedule_exactly(make_cfg, tmp_path):
 def test_tau_to_infinity_reproduces_the_constant_schedule_exactly(make_cfg, tmp_path):
     alpha = 0.8
     smooth = make_cfg(
-        "method.target_weight.tau=1e30",
+        "method.target_weight.tau=inf",
         f"method.target_weight.alpha={alpha}",
         output_dir=tmp_path / "a",
     )
@@ -116,6 +116,8 @@ def test_tau_to_infinity_reproduces_the_constant_schedule_exactly(make_cfg, tmp_
     a, b = final_state(tmp_path / "a", "joint"), final_state(tmp_path / "b", "joint")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    strict = json.loads((tmp_path / "a" / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert strict["target_weight"][0]["tau"] == "inf"
 
 
 def test_target_only_trains_on_epochs_of_the_target(make_cfg):
@@ -283,7 +285,7 @@ def test_paper_experiment_configs_carry_the_appendix_settings(make_cfg):
     svhn = make_cfg("+experiment=svhn_mnist", tiny=False)
     assert (svhn.data.target, svhn.data.source, svhn.backbone.name) == ("svhn", "mnist", "wrn10_2")
     assert svhn.batchnorm == "per_domain" and svhn.backbone.options.drop_rate == 0.4
-    assert (svhn.epochs.joint, svhn.epochs.single) == (336, 160)
+    assert (svhn.epochs.joint, svhn.epochs.source, svhn.epochs.target) == (336, 160, 160)
     assert (svhn.optimizer.lr, svhn.optimizer.final_lr, svhn.optimizer.weight_decay) == (
         1e-2,
         1e-4,
@@ -296,7 +298,11 @@ def test_paper_experiment_configs_carry_the_appendix_settings(make_cfg):
         "cifar100",
         "resnet20",
     )
-    assert cifar.batchnorm == "shared" and (cifar.epochs.joint, cifar.epochs.single) == (380, 200)
+    assert cifar.batchnorm == "shared" and (
+        cifar.epochs.joint,
+        cifar.epochs.source,
+        cifar.epochs.target,
+    ) == (380, 200, 200)
     assert (cifar.optimizer.lr, cifar.optimizer.final_lr, cifar.optimizer.weight_decay) == (
         0.1,
         1e-3,

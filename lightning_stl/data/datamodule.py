@@ -77,6 +77,8 @@ class SourceTargetDataModule(L.LightningDataModule):
         root: Folder the data sets are read from (and downloaded to, with ``download``).
         download: Download absent data in ``prepare_data``.
         target_size: N, the size of the target training subset; ``None`` for the whole pool.
+        val_size: Images of the target's official training split held out for validation;
+            ``None`` takes the data set's own (the paper's) size.
         target_batch_size, source_batch_size: Sub-batch sizes (128 each in the paper).
         eval_batch_size: Batch size for validation and test.
         split_seed: Seed of the fixed target train/validation (and, for digits, test) split.
@@ -93,6 +95,7 @@ class SourceTargetDataModule(L.LightningDataModule):
         root: str | Path = "data",
         download: bool = False,
         target_size: int | None = None,
+        val_size: int | None = None,
         target_batch_size: int = 128,
         source_batch_size: int = 128,
         eval_batch_size: int = 1000,
@@ -120,6 +123,9 @@ class SourceTargetDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.download = bool(download)
         self.target_size = target_size
+        if val_size is not None and (not isinstance(val_size, int) or val_size < 1):
+            raise ValueError(f"data.val_size={val_size} is not allowed: it must be an integer >= 1")
+        self.val_size = val_size if val_size is not None else self.target_spec.val_size
         self._check_target_size(self.target_spec.train_size)
         self.batch_size = {TARGET: target_batch_size, SOURCE: source_batch_size}
         self.eval_batch_size = eval_batch_size
@@ -148,11 +154,11 @@ class SourceTargetDataModule(L.LightningDataModule):
             raise ValueError(f"data.target_size={n} is not allowed: it must be an integer >= 1")
         if official_train_size is None:
             return
-        pool = official_train_size - self.target_spec.val_size
+        pool = official_train_size - self.val_size
         if n > pool:
             raise ValueError(
                 f"data.target_size={n} exceeds the {pool:,} training images of "
-                f"{self.target_name} ({official_train_size:,} minus {self.target_spec.val_size:,} "
+                f"{self.target_name} ({official_train_size:,} minus {self.val_size:,} "
                 f"held out for validation); allowed: 1 to {pool:,}"
             )
 
@@ -168,7 +174,9 @@ class SourceTargetDataModule(L.LightningDataModule):
                 f"epoch_basis={epoch_basis!r} is not allowed: choose one of {', '.join(EPOCH_BASES)}"
             )
         if epoch_basis == SOURCE and self.source_spec is None:
-            raise ValueError("epoch_basis='source' needs a source data set, but data.source is null")
+            raise ValueError(
+                "epoch_basis='source' needs a source data set, but data.source is null"
+            )
         self.train_domains, self.epoch_basis = domains, epoch_basis
 
     # ------------------------------------------------------------------ loading
@@ -185,7 +193,7 @@ class SourceTargetDataModule(L.LightningDataModule):
         target = self.target_spec.load(self.root, download=False, **self.options[TARGET])
         train, self.test_set = target["train"], target["test"]
         labels = train.labels.numpy()
-        val_size = self.target_spec.val_size
+        val_size = self.val_size
         if val_size >= len(train):
             raise ValueError(
                 f"{self.target_name} has {len(train)} training images, too few to hold out "
@@ -198,7 +206,9 @@ class SourceTargetDataModule(L.LightningDataModule):
         self.val_set = train.subset(val_idx)
         self._check_target_size(len(train))
         if self.target_size is not None:
-            pool_idx = pool_idx[stratified_subset(labels[pool_idx], self.target_size, self.subset_seed)]
+            pool_idx = pool_idx[
+                stratified_subset(labels[pool_idx], self.target_size, self.subset_seed)
+            ]
         self.train_sets[TARGET] = train.subset(pool_idx)
         if self.source_spec is not None:
             self.train_sets[SOURCE] = self.source_spec.load(

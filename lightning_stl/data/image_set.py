@@ -30,9 +30,7 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
-            raise ValueError(
-                f"images must have shape [N, C, H, W], got {tuple(self.images.shape)}"
-            )
+            raise ValueError(f"images must have shape [N, C, H, W], got {tuple(self.images.shape)}")
         if self.images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8, got {self.images.dtype}")
         if self.labels.ndim != 1 or self.labels.shape[0] != self.images.shape[0]:

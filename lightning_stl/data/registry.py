@@ -34,7 +34,9 @@ class DatasetSpec:
 
     def load(self, root: str | Path, download: bool, **options: Any) -> dict[str, ImageSet]:
         module, function = self.loader.split(":")
-        load: Callable[..., dict[str, ImageSet]] = getattr(importlib.import_module(module), function)
+        load: Callable[..., dict[str, ImageSet]] = getattr(
+            importlib.import_module(module), function
+        )
         return load(root, download=download, **options)
 
 

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_target import SourceTargetClassifier
 from lightning_stl.optim import SGDConfig
-from lightning_stl.schedule import SOURCE, TARGET
+from lightning_stl.schedule import SOURCE, TARGET, logs_this_step
 
 
 def smooth_transfer_loss(
@@ -116,9 +116,10 @@ class SmoothTransfer(L.LightningModule):
             source[1] if source is not None else None,
             weight,
         )
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        for domain, value in parts.items():
-            self.log(f"train/loss_{domain}", value, on_step=True, on_epoch=False)
+        if logs_this_step(self.trainer):
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            for domain, value in parts.items():
+                self.log(f"train/loss_{domain}", value, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

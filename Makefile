@@ -1,0 +1,31 @@
+# lightning-stl: common tasks. PYTHON is the interpreter of the environment you installed into.
+PYTHON ?= python
+ARGS ?=
+
+.PHONY: install run test test-all lint format bench clean
+
+install:  ## install the package and the dev tools (editable)
+	$(PYTHON) -m pip install -e ".[dev]"
+
+run:  ## Smooth Transfer on the embedded digits pair (extra Hydra overrides in ARGS)
+	$(PYTHON) -m lightning_stl.run $(ARGS)
+
+test:  ## the default test suite (slow tests excluded)
+	$(PYTHON) -m pytest -q
+
+test-all:  ## every test, the slow ones too
+	$(PYTHON) -m pytest -q -m ""
+
+lint:  ## ruff lint and format check
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+bench:  ## speed benchmarks (print ratios)
+	$(PYTHON) benchmarks/training_step.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache
