@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_stl.callbacks import DivergenceGuard
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
@@ -151,6 +152,7 @@ def run_stage(
     if stage.copy_source_batchnorm:
         module.model.copy_source_statistics_to_target()
     scheduler = TargetWeightScheduler(stage.target_weight)
+    guard = DivergenceGuard()
     callbacks = _callbacks(cfg, stage, stage_dir)
     extra: dict[str, Any] = {}
     if not stage.validates:
@@ -158,7 +160,7 @@ def run_stage(
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_epochs=stage.epochs,
-        callbacks=[scheduler, *callbacks],
+        callbacks=[scheduler, guard, *callbacks],
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
         **extra,
@@ -178,6 +180,8 @@ def run_stage(
         "best_model_path": checkpoint.best_model_path or None,
         "best_val_acc": _float(checkpoint.best_model_score),
         "best_step": None,
+        "status": "diverged" if guard.diverged else "ok",
+        **guard.describe(),
         "wall_time_s": time.perf_counter() - started,
     }
     if summary["best_model_path"]:
@@ -223,7 +227,8 @@ def _test(
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data`` and write the run's result files.
 
-    Returns the contents of ``metrics.json``.
+    Returns the contents of ``metrics.json``. ``objective`` is the best validation accuracy, or
+    ``cfg.failure_value`` when the training loss stopped being finite (status ``diverged``).
     """
     started = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
@@ -237,22 +242,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
 
-    summaries = [
-        run_stage(cfg, stage, index, module, datamodule, run_dir)
-        for index, stage in enumerate(stages)
-    ]
+    summaries: list[dict[str, Any]] = []
+    for index, stage in enumerate(stages):
+        summaries.append(run_stage(cfg, stage, index, module, datamodule, run_dir))
+        if summaries[-1]["status"] != "ok":
+            break
     final = summaries[-1]
-    test_acc = _test(cfg, module, datamodule, final["best_model_path"])
+    status = final["status"]
+    best_path = final["best_model_path"] if len(summaries) == len(stages) else None
+    test_acc = _test(cfg, module, datamodule, best_path) if best_path else None
 
     offset, rows = 0, []
     for summary in summaries:
         for step, weight in summary["target_weight"]:
             rows.append((summary["name"], step, offset + step, weight))
         offset += summary["total_steps"] or 0
-    best_step = (offset - (final["total_steps"] or 0)) + final["best_step"]
+    best_step = None
+    if best_path:
+        best_step = (offset - (final["total_steps"] or 0)) + final["best_step"]
     metrics = {
         "method": cfg.method.name,
-        "best_val_acc": final["best_val_acc"],
+        "status": status,
+        "objective": (
+            final["best_val_acc"]
+            if best_path and status == "ok"
+            else float(cfg.get("failure_value", 0.0))
+        ),
+        "best_val_acc": final["best_val_acc"] if best_path else None,
         "best_step": best_step,
         "test_acc": test_acc,
         "total_steps": offset,
@@ -267,15 +283,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         writer = csv.writer(handle)
         writer.writerow(["stage", "stage_step", "step", "target_weight"])
         writer.writerows(rows)
+    outcome = f"test acc {test_acc:.3f}" if test_acc is not None else status
     plot_target_weight(
         [r[2] for r in rows],
         [r[3] for r in rows],
         run_dir / "target_weight.png",
         best_step=best_step,
         title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
-        f"N={metrics['target_size']}, test acc {test_acc:.3f}",
+        f"N={metrics['target_size']}, {outcome}",
     )
     _write_json(run_dir / "metrics.json", metrics)
+    if test_acc is None:
+        log.warning(
+            "run %s at step %s (loss %s): no checkpoint tested; objective %s",
+            status,
+            final.get("diverged_at_step"),
+            final.get("diverged_loss"),
+            metrics["objective"],
+        )
+        print(f"run {status}: objective {metrics['objective']}  -> {run_dir}")
+        return metrics
     log.info(
         "best validation accuracy %.4f at step %d; test accuracy of that checkpoint %.4f",
         metrics["best_val_acc"],
@@ -301,8 +328,12 @@ def _absolute_omega(
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Train, test the best-validation checkpoint, and return its validation accuracy."""
-    return float(train(cfg)["best_val_acc"])
+    """Train, test the best-validation checkpoint, and return its validation accuracy.
+
+    A run that diverged returns ``failure_value`` (0 by default): a finite worst value that an
+    Optuna sweep records instead of crashing on NaN.
+    """
+    return float(train(cfg)["objective"])
 
 
 if __name__ == "__main__":

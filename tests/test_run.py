@@ -312,3 +312,18 @@ def test_paper_experiment_configs_carry_the_appendix_settings(make_cfg):
         assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.warmup_fraction == 0.025
         assert cfg.data.target_batch_size == cfg.data.source_batch_size == 128
     assert np.isclose(cifar.optimizer.lr, 0.1)
+
+
+def test_a_diverging_run_stops_and_reports_a_finite_worst_value(make_cfg):
+    cfg = make_cfg(
+        "optimizer.lr=1e12", "optimizer.final_lr=1e12", "epochs.joint=3", "failure_value=-1.0"
+    )
+    metrics = train(cfg)
+    assert metrics["status"] == "diverged" and metrics["objective"] == -1.0
+    stage = metrics["stages"][0]
+    assert stage["diverged_at_step"] is not None
+    steps_run = len(read_weights(Path(cfg.paths.output_dir)))
+    assert steps_run == stage["diverged_at_step"] < 21  # stopped before the 3 epochs of 7 steps
+    json.loads(
+        (Path(cfg.paths.output_dir) / "metrics.json").read_text(), parse_constant=pytest.fail
+    )

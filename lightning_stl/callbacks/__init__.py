@@ -1,0 +1,5 @@
+"""Callbacks that act on training time (the λ(t) scheduler lives in :mod:`lightning_stl.schedule`)."""
+
+from lightning_stl.callbacks.divergence import DivergenceGuard
+
+__all__ = ["DivergenceGuard"]
