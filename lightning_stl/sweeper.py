@@ -1,0 +1,333 @@
+"""A durable Optuna sweeper for Hydra: resumable studies, finite failures, a report at the end.
+
+It is hydra-optuna-sweeper's ``OptunaSweeper`` (TPE by default, trials asked in batches of
+``n_jobs`` and run by the configured launcher) with what a long search on shared machines needs:
+
+- **Resume.** With ``storage`` (``sqlite:///study.db`` or a PostgreSQL URL) and ``study_name``, a
+  sweep that was killed and is started again runs only the trials it still owes: trials that
+  finished are kept and not run again, and the trials it left running are marked failed and their
+  parameters asked again first.
+- **Several sweep processes on one study.** Each process has a ``worker`` name (set it per
+  process, with its own sampler seed); its trial budget ``n_trials`` counts only its own trials,
+  so k processes end with the sum of their trials, and Optuna's storage never hands one trial to
+  two of them.
+- **Failures.** A trial that returns NaN or ±inf is recorded with ``failure_value`` (a finite
+  worst value) instead of crashing the sweep; a trial that raises is recorded as failed, logged
+  with its number, parameters and error, and counts against ``max_failure_rate``.
+- **Report.** ``trials.csv`` (one row per trial: parameters, validation and test accuracy, status,
+  wall time, run folder), ``best.yaml`` (the best parameters) and ``trials.png`` (validation
+  accuracy by trial and the best so far) in the sweep folder, rewritten after every batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+
+WORKER_ATTR = "sweep_worker"
+STATUS_ATTR = "status"
+LAUNCHED = "launched"
+
+
+class DurableOptunaSweeperImpl(OptunaSweeperImpl):
+    """The sweep loop of :class:`DurableOptunaSweeper`."""
+
+    def __init__(self, *args: Any, worker: str, failure_value: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.worker = str(worker)
+        self.failure_value = float(failure_value)
+
+    # ------------------------------------------------------------------ helpers
+    def _mine(self, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.user_attrs.get(WORKER_ATTR) == self.worker
+
+    def _recover(self, study: optuna.Study) -> int:
+        """Fail this worker's trials left running by a killed sweep and queue their parameters
+        again; return how many of this worker's trials have finished."""
+        finished = 0
+        for trial in study.get_trials(deepcopy=False):
+            if not self._mine(trial):
+                continue
+            if trial.state == TrialState.RUNNING:
+                log.warning(
+                    "trial %d (%s) was left running by an earlier sweep: marked failed, "
+                    "its parameters will be run again",
+                    trial.number,
+                    trial.params,
+                )
+                study.tell(trial.number, state=TrialState.FAIL)
+                if trial.params:
+                    study.enqueue_trial(trial.params)
+            elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) != LAUNCHED:
+                finished += 1
+        return finished
+
+    def _outcome(self, ret: JobReturn) -> tuple[float | None, dict[str, Any], Exception | None]:
+        """(value to tell, user attributes, error) of one finished job."""
+        attrs: dict[str, Any] = {}
+        output_dir = (
+            OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None
+        )
+        run_dir = Path(output_dir) if output_dir else None
+        if run_dir is not None:
+            attrs["run_dir"] = str(run_dir)
+            metrics_file = run_dir / "metrics.json"
+            if metrics_file.exists():
+                metrics = json.loads(metrics_file.read_text())
+                for key in ("status", "test_acc", "best_val_acc", "best_step", "wall_time_s"):
+                    if metrics.get(key) is not None:
+                        attrs[key] = metrics[key]
+        if ret.status == JobStatus.FAILED:
+            error = ret._return_value  # the exception the task raised
+            attrs[STATUS_ATTR] = "failed"
+            attrs["error"] = f"{type(error).__name__}: {error}"[:2000]
+            return None, attrs, error
+        try:
+            value = float(ret.return_value)
+        except (TypeError, ValueError) as error:
+            attrs[STATUS_ATTR] = "failed"
+            attrs["error"] = f"return value {ret.return_value!r} is not a number"
+            return None, attrs, error
+        if not math.isfinite(value):
+            attrs[STATUS_ATTR] = "non_finite"
+            attrs["returned"] = str(value)
+            return self.failure_value, attrs, None
+        attrs.setdefault(STATUS_ATTR, "ok")
+        return value, attrs, None
+
+    # ------------------------------------------------------------------ the loop
+    def sweep(self, arguments: list[str]) -> None:
+        assert self.config is not None and self.launcher is not None
+        self._process_searchspace_config()
+        params_conf = self._parse_sweeper_params_config()
+        params_conf.extend(arguments)
+        distributions, fixed_params = create_params_from_overrides(params_conf)
+        if self.search_space_distributions:
+            distributions = {**self.search_space_distributions, **distributions}
+        for name in fixed_params:
+            distributions.pop(name, None)
+        directions = self._get_directions()
+        if len(directions) != 1:
+            raise ValueError(f"this sweeper optimises one objective, got directions {directions}")
+
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=self.sampler,
+            directions=directions,
+            load_if_exists=True,
+        )
+        done = self._recover(study)
+        to_go = max(0, self.n_trials - done)
+        log.info(
+            "study %r in %s, worker %r: %d of %d trials finished, %d to run, %d at a time",
+            study.study_name,
+            self.storage or "memory",
+            self.worker,
+            done,
+            self.n_trials,
+            to_go,
+            self.n_jobs,
+        )
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        while to_go > 0:
+            batch = min(to_go, self.n_jobs)
+            trials = [study.ask() for _ in range(batch)]
+            for trial in trials:
+                trial.set_user_attr(WORKER_ATTR, self.worker)
+                trial.set_user_attr(STATUS_ATTR, LAUNCHED)
+            overrides = self._configure_trials(trials, distributions, fixed_params)
+            overrides = [
+                (*o, f"+optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)
+            ]
+            started = time.time()
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            failures: list[Exception] = []
+            for trial, ret in zip(trials, returns, strict=True):
+                value, attrs, error = self._outcome(ret)
+                attrs.setdefault("wall_time_s", time.time() - started)
+                for key, item in attrs.items():
+                    trial.set_user_attr(key, item)
+                if error is not None:
+                    log.warning(
+                        "trial %d failed with parameters %s: %s (run folder %s)",
+                        trial.number,
+                        trial.params,
+                        attrs.get("error"),
+                        attrs.get("run_dir"),
+                    )
+                    study.tell(trial, state=TrialState.FAIL)
+                    failures.append(error)
+                    continue
+                if attrs[STATUS_ATTR] != "ok":
+                    log.warning(
+                        "trial %d (%s) ended %s: recorded as %s",
+                        trial.number,
+                        trial.params,
+                        attrs[STATUS_ATTR],
+                        value,
+                    )
+                study.tell(trial, value)
+            write_report(study, sweep_dir, directions[0])
+            if failures and len(failures) / len(returns) > self.max_failure_rate:
+                log.error(
+                    "%d of %d trials in this batch failed, more than max_failure_rate=%s: stopping",
+                    len(failures),
+                    len(returns),
+                    self.max_failure_rate,
+                )
+                raise failures[0]
+            to_go -= batch
+
+        write_report(study, sweep_dir, directions[0])
+        completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        if completed:
+            best = study.best_trial
+            log.info("best value %s with %s (trial %d)", best.value, best.params, best.number)
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One flat dict per trial of ``study``, in trial order."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "value": t.value}
+        row.update({f"param.{k}": v for k, v in t.params.items()})
+        row.update({k: v for k, v in t.user_attrs.items()})
+        rows.append(row)
+    return rows
+
+
+def write_report(study: optuna.Study, folder: Path, direction: str) -> None:
+    """``trials.csv``, ``best.yaml`` and ``trials.png`` of ``study`` into ``folder``."""
+    rows = trial_rows(study)
+    if not rows:
+        return
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    tmp = folder / "trials.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(folder / "trials.csv")
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not completed:
+        return
+    best = study.best_trial
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "best_value": best.value,
+                "best_trial": best.number,
+                "best_params": dict(best.params),
+                "best_test_acc": best.user_attrs.get("test_acc"),
+                "n_trials": len(rows),
+                "n_complete": len(completed),
+            }
+        ),
+        folder / "best.yaml",
+    )
+    plot_trials([(t.number, t.value) for t in completed], folder / "trials.png", direction)
+
+
+def plot_trials(points: Sequence[tuple[int, float]], path: Path, direction: str) -> None:
+    """Objective by trial number, with the best-so-far curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(points)
+    numbers = [n for n, _ in points]
+    values = [v for _, v in points]
+    best, running = [], None
+    for v in values:
+        running = (
+            v
+            if running is None
+            else (max(running, v) if direction == "maximize" else min(running, v))
+        )
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=120)
+    ax.scatter(numbers, values, s=12, color="tab:gray", label="trial")
+    ax.step(numbers, best, where="post", color="tab:red", lw=1.6, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective (validation accuracy)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class DurableOptunaSweeper(Sweeper):
+    """Hydra sweeper plugin: ``hydra/sweeper=durable_optuna`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        search_space: DictConfig | None,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        worker: str = "0",
+        failure_value: float = 0.0,
+    ) -> None:
+        if n_trials < 1 or n_jobs < 1:
+            raise ValueError(
+                f"hydra.sweeper.n_trials={n_trials} and n_jobs={n_jobs} must both be >= 1"
+            )
+        self.sweeper = DurableOptunaSweeperImpl(
+            sampler,
+            direction,
+            storage,
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+            search_space,
+            custom_search_space,
+            params,
+            worker=worker,
+            failure_value=failure_value,
+        )
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        return self.sweeper.sweep(arguments)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m lightning_stl.run -m hparams_search=smooth_tpe")
