@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_stl.callbacks import DivergenceGuard
 from lightning_stl.data import SourceTargetDataModule
+from lightning_stl.devices import claim_device, wants_device_pool
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
@@ -136,6 +138,7 @@ def run_stage(
     module: SmoothTransfer,
     datamodule: SourceTargetDataModule,
     run_dir: Path,
+    trainer_overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """Fit one stage (or pick up its finished result) and return its summary."""
     stage_dir = run_dir / "checkpoints" / stage.name
@@ -164,6 +167,7 @@ def run_stage(
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
         **extra,
+        **trainer_overrides,
     )
     last = stage_dir / "last.ckpt"
     started = time.perf_counter()
@@ -214,23 +218,46 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _test(
-    cfg: DictConfig, module: SmoothTransfer, datamodule: SourceTargetDataModule, best: str
+    cfg: DictConfig,
+    module: SmoothTransfer,
+    datamodule: SourceTargetDataModule,
+    best: str,
+    trainer_overrides: dict[str, Any],
 ) -> float:
     """Load the best-validation checkpoint into ``module`` and return its target test accuracy."""
     state = torch.load(best, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=False, callbacks=[], **trainer_overrides
+    )
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     return float(results[0]["test/acc"])
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.data`` on a device of its own; see :func:`train_on`."""
+    pool = cfg.get("device_pool") or {}
+    cuda = torch.cuda.device_count()
+    if not wants_device_pool(
+        cfg.trainer.get("accelerator", "auto"),
+        cfg.trainer.get("devices", 1),
+        cuda,
+        pool.get("enabled", "auto"),
+    ):
+        return train_on(cfg, {})
+    with claim_device(cuda, pool.get("lock_dir", ".device_locks")) as index:
+        return train_on(cfg, {"accelerator": "gpu", "devices": [index]})
+
+
+def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data`` and write the run's result files.
 
     Returns the contents of ``metrics.json``. ``objective`` is the best validation accuracy, or
     ``cfg.failure_value`` when the training loss stopped being finite (status ``diverged``).
     """
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = [Stage.from_config(conf) for conf in cfg.method.stages]
@@ -244,13 +271,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     summaries: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
-        summaries.append(run_stage(cfg, stage, index, module, datamodule, run_dir))
+        summaries.append(
+            run_stage(cfg, stage, index, module, datamodule, run_dir, trainer_overrides)
+        )
         if summaries[-1]["status"] != "ok":
             break
     final = summaries[-1]
     status = final["status"]
     best_path = final["best_model_path"] if len(summaries) == len(stages) else None
-    test_acc = _test(cfg, module, datamodule, best_path) if best_path else None
+    test_acc = _test(cfg, module, datamodule, best_path, trainer_overrides) if best_path else None
 
     offset, rows = 0, []
     for summary in summaries:
@@ -277,6 +306,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         **datamodule.describe(),
         "stages": [{k: v for k, v in s.items() if k != "target_weight"} for s in summaries],
+        "device": str(trainer_overrides.get("devices", cfg.trainer.get("accelerator"))),
+        "pid": os.getpid(),
+        "started_at": started_at,
+        "ended_at": time.time(),
         "wall_time_s": time.perf_counter() - started,
     }
     with open(run_dir / "target_weight.csv", "w", newline="") as handle:

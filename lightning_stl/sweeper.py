@@ -138,6 +138,9 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
             load_if_exists=True,
         )
         done = self._recover(study)
+        if done:
+            # A seeded sampler started again would propose the parameters it proposed before.
+            self.sampler.reseed_rng()
         to_go = max(0, self.n_trials - done)
         log.info(
             "study %r in %s, worker %r: %d of %d trials finished, %d to run, %d at a time",

@@ -101,10 +101,6 @@ def test_deterministic_and_seed_sensitive(small: tuple[np.ndarray, np.ndarray]) 
     assert labels.tobytes() == again_labels.tobytes()
     other_images, other_labels = rd.render_digits(200, 1)
     assert images.tobytes() != other_images.tobytes()
-    # even with the labels in the same order the images would differ: compare class means
-    assert not np.array_equal(
-        np.sort(images.reshape(200, -1), axis=0), other_images.reshape(200, -1)
-    )
     assert not np.array_equal(labels, other_labels)
 
 
@@ -242,10 +238,12 @@ def test_classifier_trained_on_rendered_digits_reads_uci(
     large: tuple[np.ndarray, np.ndarray], uci: tuple[np.ndarray, np.ndarray]
 ) -> None:
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     images, labels = large
     uci_images, uci_labels = uci
     classifier = LogisticRegression(max_iter=2000)
-    classifier.fit(images.reshape(len(images), -1) / 16.0, labels)
+    with threadpool_limits(limits=1):  # several BLAS pools on few cores thrash: 0.1 s vs 3 s
+        classifier.fit(images.reshape(len(images), -1) / 16.0, labels)
     accuracy = classifier.score(uci_images.reshape(len(uci_images), -1) / 16.0, uci_labels)
     assert accuracy > 0.55, accuracy  # chance is 0.10; measured about 0.63

@@ -1,0 +1,75 @@
+"""One device per run: exclusive, kill-safe locks on device slots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from lightning_stl.devices import claim_device, wants_device_pool
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from lightning_stl.devices import claim_device
+    with claim_device(int(sys.argv[1]), sys.argv[2], poll_seconds=0.05) as index:
+        print(index, time.time(), flush=True)
+        time.sleep(float(sys.argv[3]))
+        print(time.time(), flush=True)
+    """
+)
+
+
+def start_holder(num: int, lock_dir, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(num), str(lock_dir), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_concurrent_runs_get_distinct_devices_and_a_third_waits(tmp_path):
+    holders = [start_holder(2, tmp_path, 1.5) for _ in range(3)]
+    outputs = [h.communicate(timeout=60)[0].split() for h in holders]
+    claims = sorted((float(o[1]), int(o[0]), float(o[2])) for o in outputs)
+    first, second, third = claims
+    assert {first[1], second[1]} == {0, 1}
+    # the third could only start once one of the first two had released its device
+    assert third[0] >= min(first[2], second[2]) - 0.05
+    assert third[1] in (0, 1)
+
+
+def test_a_killed_holder_releases_its_device(tmp_path):
+    holder = start_holder(1, tmp_path, 60)
+    assert holder.stdout.readline().split()[0] == "0"
+    holder.kill()
+    holder.wait()
+    start = time.time()
+    with claim_device(1, tmp_path, poll_seconds=0.05) as index:
+        assert index == 0
+    assert time.time() - start < 5
+
+
+def test_claims_in_one_process_are_exclusive_too(tmp_path):
+    with claim_device(2, tmp_path) as a, claim_device(2, tmp_path) as b:
+        assert {a, b} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "devices", "cuda", "enabled", "expected"),
+    [
+        ("auto", 1, 0, "auto", False),  # CPU machine: nothing to claim
+        ("auto", 1, 1, "auto", False),  # one GPU: nothing to share
+        ("auto", 1, 4, "auto", True),
+        ("gpu", 1, 4, "auto", True),
+        ("cpu", 1, 4, "auto", False),
+        ("auto", 2, 4, "auto", False),  # DDP over several devices: Lightning places it
+        ("auto", 1, 4, False, False),
+        ("auto", 1, 1, True, True),
+    ],
+)
+def test_when_a_run_claims_a_device(accelerator, devices, cuda, enabled, expected):
+    assert wants_device_pool(accelerator, devices, cuda, enabled) is expected

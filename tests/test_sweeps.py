@@ -1,0 +1,228 @@
+"""TPE searches with Hydra multirun and the durable Optuna sweeper: resume, sharing, parallel
+trials, and failures that do not crash the sweep."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
+
+from lightning_stl.sweeper import DurableOptunaSweeperImpl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SWEEP = [
+    "+experiment=digits",
+    "data.source_options.num_images=400",
+    "data.target_size=30",
+    "data.source_batch_size=64",
+    "data.target_batch_size=64",
+    "epochs.joint=2",
+    "torch_threads=1",
+]
+
+
+def sweep_args(tmp_path: Path, *extra: str, search: str = "smooth_tpe") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lightning_stl.run",
+        "-m",
+        f"hparams_search={search}",
+        *TINY_SWEEP,
+        f"hydra.sweep.dir={tmp_path}/sweep_${{hydra.sweeper.worker}}_${{now:%H-%M-%S-%f}}",
+        *extra,
+    ]
+
+
+def load(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, subprocess_env):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    args = sweep_args(
+        tmp_path,
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=resume",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=1",
+    )
+    first = subprocess.Popen(
+        args, cwd=ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    complete: list[optuna.trial.FrozenTrial] = []
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(0.3)
+        try:
+            complete = [t for t in load(storage, "resume").trials if t.state.name == "COMPLETE"]
+        except Exception:  # the study is not created yet
+            continue
+        if len(complete) >= 2:
+            break
+    assert first.poll() is None, "the sweep ended before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = {
+        t.number: t.params for t in load(storage, "resume").trials if t.state.name == "COMPLETE"
+    }
+    assert 2 <= len(done_before) < 4
+
+    second = subprocess.run(
+        args, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = load(storage, "resume").trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4  # the budget of 4, not 4 more
+    for number, params in done_before.items():  # finished trials kept as they were
+        assert trials[number].state.name == "COMPLETE" and trials[number].params == params
+    assert f"{len(done_before)} of 4 trials finished" in second.stdout + second.stderr
+    # nothing finished was run again: each completed parameter set appears once
+    keys = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(keys)) == 4
+    # a trial killed while running is marked failed and its parameters are run again
+    killed = [t for t in trials if t.state.name == "FAIL"]
+    for t in killed:
+        assert tuple(sorted(t.params.items())) in set(keys)
+
+
+def test_two_sweep_processes_share_one_study(tmp_path, subprocess_env):
+    storage = f"sqlite:///{tmp_path}/shared.db"
+    procs = [
+        subprocess.Popen(
+            sweep_args(
+                tmp_path,
+                f"hydra.sweeper.storage={storage}",
+                "hydra.sweeper.study_name=shared",
+                "hydra.sweeper.n_trials=2",
+                "hydra.sweeper.n_jobs=1",
+                f"hydra.sweeper.worker={worker}",
+                f"hydra.sweeper.sampler.seed={seed}",
+            ),
+            cwd=ROOT,
+            env=subprocess_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for worker, seed in (("a", 1), ("b", 2))
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    trials = load(storage, "shared").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert sorted(t.user_attrs["sweep_worker"] for t in trials) == ["a", "a", "b", "b"]
+    assert len({t.number for t in trials}) == 4
+
+
+def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, subprocess_env):
+    result = subprocess.run(
+        sweep_args(
+            tmp_path,
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "epochs.joint=6",
+        ),
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("sweep_*/trial_*/metrics.json")]
+    assert len(runs) == 2
+    a, b = runs
+    assert a["pid"] != b["pid"]
+    assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]  # overlapping
+
+
+def test_diverging_and_raising_trials(tmp_path, subprocess_env):
+    diverging = subprocess.run(
+        sweep_args(
+            tmp_path,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "optimizer.lr=1e12",
+            "optimizer.final_lr=1e12",
+            "failure_value=-1",
+        ),
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert diverging.returncode == 0, diverging.stderr[-3000:]
+    table = next(tmp_path.glob("sweep_*/trials.csv")).read_text()
+    assert table.count(",diverged,") == 2 and ",-1.0," in table
+
+    raising = subprocess.run(
+        sweep_args(
+            tmp_path / "raising",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=1",
+            "data.target_size=5000",
+        ),
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert raising.returncode != 0
+    assert "trial 0 failed with parameters" in raising.stdout + raising.stderr
+    assert "target_size=5000 exceeds the 997 training images" in raising.stdout + raising.stderr
+
+
+def make_impl(failure_value: float = 0.0) -> DurableOptunaSweeperImpl:
+    return DurableOptunaSweeperImpl(
+        None,
+        "maximize",
+        None,
+        None,
+        1,
+        1,
+        0.0,
+        None,
+        None,
+        None,
+        worker="w",
+        failure_value=failure_value,
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_return_values_become_the_failure_value(value, tmp_path):
+    ret = JobReturn(
+        status=JobStatus.COMPLETED,
+        hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}}),
+    )
+    ret.return_value = value
+    told, attrs, error = make_impl(-2.0)._outcome(ret)
+    assert told == -2.0 and error is None and attrs["status"] == "non_finite"
+
+
+def test_raised_errors_are_reported_not_told_as_values(tmp_path):
+    ret = JobReturn(
+        status=JobStatus.FAILED,
+        hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}}),
+    )
+    ret.return_value = ValueError("tau=0.0 is not allowed")
+    told, attrs, error = make_impl()._outcome(ret)
+    assert told is None and isinstance(error, ValueError)
+    assert attrs["status"] == "failed" and "tau=0.0" in attrs["error"]
