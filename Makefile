@@ -2,7 +2,11 @@
 PYTHON ?= python
 ARGS ?=
 
-.PHONY: install run test test-all lint format bench clean
+EXPERIMENT ?= digits
+PROFILE ?= quick
+JOBS ?= 2
+
+.PHONY: install run test test-all lint format bench reproduce-table1 clean
 
 install:  ## install the package and the dev tools (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -26,6 +30,9 @@ format:
 
 bench:  ## speed benchmarks (print ratios)
 	$(PYTHON) benchmarks/training_step.py
+
+reproduce-table1:  ## Table 1 + Figure 2 (EXPERIMENT=digits|svhn_mnist|cifar10_cifar100, PROFILE=quick|paper, JOBS=k)
+	$(PYTHON) experiments/reproduce_table1.py --experiment $(EXPERIMENT) --profile $(PROFILE) --jobs $(JOBS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
