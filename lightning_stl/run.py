@@ -29,6 +29,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_stl.callbacks import DivergenceGuard
@@ -213,8 +214,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@rank_zero_only
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(_jsonable(value), indent=1, allow_nan=False))
+
+
+@rank_zero_only
+def _write_run_files(
+    run_dir: Path, rows: list[tuple[str, int, int, float]], metrics: dict[str, Any], title: str
+) -> None:
+    """``target_weight.csv``, ``target_weight.png`` and ``metrics.json`` (by one process)."""
+    with open(run_dir / "target_weight.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stage", "stage_step", "step", "target_weight"])
+        writer.writerows(rows)
+    plot_target_weight(
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        run_dir / "target_weight.png",
+        best_step=metrics["best_step"],
+        title=title,
+    )
+    _write_json(run_dir / "metrics.json", metrics)
 
 
 def _test(
@@ -312,20 +333,14 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         "ended_at": time.time(),
         "wall_time_s": time.perf_counter() - started,
     }
-    with open(run_dir / "target_weight.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["stage", "stage_step", "step", "target_weight"])
-        writer.writerows(rows)
     outcome = f"test acc {test_acc:.3f}" if test_acc is not None else status
-    plot_target_weight(
-        [r[2] for r in rows],
-        [r[3] for r in rows],
-        run_dir / "target_weight.png",
-        best_step=best_step,
+    _write_run_files(
+        run_dir,
+        rows,
+        metrics,
         title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
         f"N={metrics['target_size']}, {outcome}",
     )
-    _write_json(run_dir / "metrics.json", metrics)
     if test_acc is None:
         log.warning(
             "run %s at step %s (loss %s): no checkpoint tested; objective %s",

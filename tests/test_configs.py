@@ -69,4 +69,4 @@ def test_slurm_launcher_asks_one_gpu_per_trial():
 
 def test_ddp_trainer():
     cfg = compose_with_hydra("trainer=ddp")
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.sync_batchnorm is True
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.use_distributed_sampler is False

@@ -327,3 +327,31 @@ def test_a_diverging_run_stops_and_reports_a_finite_worst_value(make_cfg):
     json.loads(
         (Path(cfg.paths.output_dir) / "metrics.json").read_text(), parse_constant=pytest.fail
     )
+
+
+def test_ddp_run_on_two_cpu_processes(tmp_path, subprocess_env):
+    run_dir = tmp_path / "ddp"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_stl.run",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "data.source_options.num_images=400",
+            "epochs.joint=2",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # 400 source images / (128 per process x 2 processes) = 2 steps per epoch
+    assert metrics["status"] == "ok" and metrics["total_steps"] == 4
+    assert metrics["test_acc"] is not None

@@ -227,9 +227,18 @@ class SourceTargetDataModule(L.LightningDataModule):
     def num_source_classes(self) -> int:
         return self.source_spec.num_classes if self.source_spec else self.target_spec.num_classes
 
+    def _world(self) -> tuple[int, int]:
+        """(number of processes, this one's rank) of the trainer, (1, 0) without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
     def steps_per_epoch(self) -> int:
-        """Optimiser steps in one epoch: ⌈|basis set| / its sub-batch size⌉."""
-        return math.ceil(len(self.train_sets[self.epoch_basis]) / self.batch_size[self.epoch_basis])
+        """Optimiser steps in one epoch: ⌈|basis set| / (its sub-batch size · processes)⌉."""
+        world, _ = self._world()
+        basis = self.epoch_basis
+        return math.ceil(len(self.train_sets[basis]) / (self.batch_size[basis] * world))
 
     def describe(self) -> dict[str, Any]:
         """Sizes and names, for result files (after :meth:`setup`)."""
@@ -246,12 +255,25 @@ class SourceTargetDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> CombinedLoader:
+        """Sub-batch streams of ``steps_per_epoch()`` batches each.
+
+        Under DDP every process draws its own uniform stream (a generator seeded from the run's
+        seed and its rank), so the global sub-batch is processes x sub-batch size; run it with
+        ``use_distributed_sampler=False`` (``trainer=ddp`` does).
+        """
         steps = self.steps_per_epoch()
+        world, rank = self._world()
+        base_seed = int(torch.randint(0, 2**62, ()))  # from the seeded global RNG
         loaders = {}
-        for domain in self.train_domains:
+        for index, domain in enumerate(self.train_domains):
             dataset = InMemoryDataset(self.train_sets[domain])
             batch = self.batch_size[domain]
-            sampler = RandomSampler(dataset, replacement=False, num_samples=steps * batch)
+            generator = None
+            if world > 1:
+                generator = torch.Generator().manual_seed(base_seed + 1_000_003 * rank + index)
+            sampler = RandomSampler(
+                dataset, replacement=False, num_samples=steps * batch, generator=generator
+            )
             loaders[domain] = DataLoader(
                 dataset,
                 batch_size=batch,
