@@ -212,7 +212,12 @@ def main() -> None:
     work = (args.work or ROOT / "outputs" / "table1" / args.experiment / args.profile).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    base = [f"+experiment={args.experiment}", *profile.get("overrides", [])]
+    base = [
+        f"+experiment={args.experiment}",
+        *profile.get("overrides", []),
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+    ]
     if args.jobs > 1:
         base.append("torch_threads=1")  # parallel runs on a CPU share its cores
     sizes, seeds = [int(n) for n in profile["sizes"]], [int(s) for s in profile["seeds"]]

@@ -7,11 +7,16 @@ A target set's official training split is divided into a training pool and a val
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning_stl.data.augment import BatchAugment
 from lightning_stl.data.image_set import ImageSet
@@ -31,13 +36,57 @@ class DatasetSpec:
     augment: BatchAugment = field(default_factory=BatchAugment)
     files: str = ""
     """What is on disk, for documentation."""
+    cache: bool = False
+    """Keep the decoded tensors under ``<root>/.tensor_cache`` so that later runs memory-map them
+    instead of decoding the original files again (CIFAR pickles, SVHN .mat, resized MNIST)."""
 
     def load(self, root: str | Path, download: bool, **options: Any) -> dict[str, ImageSet]:
+        """The official splits; from the tensor cache when there is one."""
+        cache_file = self._cache_file(root, options) if self.cache else None
+        if cache_file is not None and cache_file.exists():
+            try:
+                return _read_cache(cache_file)
+            except Exception:  # a damaged cache is made again
+                cache_file.unlink(missing_ok=True)
         module, function = self.loader.split(":")
         load: Callable[..., dict[str, ImageSet]] = getattr(
             importlib.import_module(module), function
         )
-        return load(root, download=download, **options)
+        splits = load(root, download=download, **options)
+        if cache_file is not None:
+            _write_cache(cache_file, splits)
+        return splits
+
+    def _cache_file(self, root: str | Path, options: dict[str, Any]) -> Path:
+        key = json.dumps({"loader": self.loader, "options": options}, sort_keys=True, default=str)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        name = self.loader.rsplit(":", 1)[1]
+        return Path(root) / ".tensor_cache" / f"{name}_{digest}.pt"
+
+
+def _write_cache(path: Path, splits: dict[str, ImageSet]) -> None:
+    """Save ``splits`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        split: {
+            "images": data.images.contiguous(),
+            "labels": data.labels,
+            "num_classes": data.num_classes,
+            "max_value": data.max_value,
+        }
+        for split, data in splits.items()
+    }
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path) -> dict[str, ImageSet]:
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {
+        split: ImageSet(p["images"], p["labels"], int(p["num_classes"]), float(p["max_value"]))
+        for split, p in payload.items()
+    }
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -61,6 +110,7 @@ DATASETS: dict[str, DatasetSpec] = {
         val_size=6000,
         train_size=60000,
         files="<root>/MNIST/raw/*-ubyte",
+        cache=True,
     ),
     "svhn": DatasetSpec(
         "lightning_stl.data.torchvision_sets:load_svhn",
@@ -68,6 +118,7 @@ DATASETS: dict[str, DatasetSpec] = {
         val_size=7326,
         train_size=73257,
         files="<root>/train_32x32.mat, <root>/test_32x32.mat",
+        cache=True,
     ),
     "cifar10": DatasetSpec(
         "lightning_stl.data.torchvision_sets:load_cifar10",
@@ -76,6 +127,7 @@ DATASETS: dict[str, DatasetSpec] = {
         train_size=50000,
         augment=BatchAugment(crop_padding=4, horizontal_flip=True),
         files="<root>/cifar-10-batches-py",
+        cache=True,
     ),
     "cifar100": DatasetSpec(
         "lightning_stl.data.torchvision_sets:load_cifar100",
@@ -84,6 +136,7 @@ DATASETS: dict[str, DatasetSpec] = {
         train_size=50000,
         augment=BatchAugment(crop_padding=4, horizontal_flip=True),
         files="<root>/cifar-100-python",
+        cache=True,
     ),
 }
 
