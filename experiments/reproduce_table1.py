@@ -100,6 +100,9 @@ def run_search(
         f"hparams_search={search}",
         f"+experiment={experiment}",
         f"data.target_size={size}",
+        # searched with a seed that no retraining run uses, so that no table entry is the very
+        # run its parameters were picked on
+        "seed=1000",
         *overrides,
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweeper.study_name={name}",
@@ -133,7 +136,7 @@ def summarize(rows: list[dict[str, Any]], sizes: list[int]) -> tuple[str, list[l
             accs = [
                 100 * r["test_acc"]
                 for r in rows
-                if r["method"] == method and r["target_size"] == size
+                if r["method"] == method and r["target_size"] == size and r["test_acc"] is not None
             ]
             if accs:
                 stats[method] = (
@@ -279,7 +282,10 @@ def main() -> None:
                     )
                 print(
                     f"[{time.strftime('%H:%M:%S')}] {COLUMNS[method]} N={size}: "
-                    + ", ".join(f"{100 * r['test_acc']:.1f}" for r in rows[-len(seeds) :]),
+                    + ", ".join(
+                        f"{100 * r['test_acc']:.1f}" if r["test_acc"] is not None else "diverged"
+                        for r in rows[-len(seeds) :]
+                    ),
                     flush=True,
                 )
                 write_outputs(rows, sizes, out, args, best_params, work, seeds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,19 +20,39 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def physical_device_names(num_devices: int) -> list[str]:
+    """Names of the visible CUDA devices that are the same for every process on the machine.
+
+    ``CUDA_VISIBLE_DEVICES`` entries when it is set (so two sweeps that see different subsets lock
+    the physical GPUs, not their own numbering), else the indices.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    if len(names) >= num_devices:
+        return names[:num_devices]
+    return [str(i) for i in range(num_devices)]
+
+
 @contextmanager
 def claim_device(
-    num_devices: int, lock_dir: str | Path, poll_seconds: float = 1.0
+    num_devices: int,
+    lock_dir: str | Path,
+    poll_seconds: float = 1.0,
+    names: list[str] | None = None,
 ) -> Iterator[int]:
-    """Hold one of ``num_devices`` device slots (waiting until one is free); yield its index."""
+    """Hold one of ``num_devices`` device slots (waiting until one is free); yield its index.
+
+    ``names`` (one per device) name the lock files; by default the indices.
+    """
     if num_devices < 1:
         raise ValueError(f"num_devices={num_devices} is not allowed: it must be >= 1")
+    names = names or [str(i) for i in range(num_devices)]
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
         for index in range(num_devices):
-            handle = open(lock_dir / f"device{index}.lock", "a+")  # noqa: SIM115 (held while yielding)
+            handle = open(lock_dir / f"device{names[index]}.lock", "a+")  # noqa: SIM115 (held while yielding)
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

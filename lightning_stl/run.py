@@ -30,11 +30,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_stl.callbacks import DivergenceGuard
 from lightning_stl.data import SourceTargetDataModule
-from lightning_stl.devices import claim_device, wants_device_pool
+from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
@@ -199,6 +199,41 @@ def run_stage(
     return summary
 
 
+#: The parts of a config that decide what a run computes (not where it writes or how it shows it).
+RUN_IDENTITY = ("data", "backbone", "method", "optimizer", "epochs", "seed", "batchnorm")
+_NOT_IDENTITY = {"data": ("root", "download", "num_workers", "eval_batch_size")}
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved settings that make two runs the same run."""
+    identity = {}
+    for key in RUN_IDENTITY:
+        value = cfg.get(key)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(key, ())}
+        identity[key] = value
+    return identity
+
+
+def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a run folder that holds a run of other settings."""
+    record = run_dir / "run_identity.json"
+    identity = _jsonable(run_identity(cfg))
+    if not record.exists():
+        if rank_zero_only.rank == 0:
+            record.write_text(json.dumps(identity, indent=1, sort_keys=True))
+        return
+    previous = json.loads(record.read_text())
+    changed = [k for k in RUN_IDENTITY if previous.get(k) != identity.get(k)]
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run with other settings of {', '.join(changed)}; resuming it "
+            "would mix two runs. Use a new hydra.run.dir, or delete the folder to start over"
+        )
+
+
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -266,7 +301,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pool.get("enabled", "auto"),
     ):
         return train_on(cfg, {})
-    with claim_device(cuda, pool.get("lock_dir", ".device_locks")) as index:
+    lock_dir = pool.get("lock_dir", "/tmp/lightning_stl_device_locks")
+    with claim_device(cuda, lock_dir, names=physical_device_names(cuda)) as index:
         return train_on(cfg, {"accelerator": "gpu", "devices": [index]})
 
 
@@ -282,6 +318,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = [Stage.from_config(conf) for conf in cfg.method.stages]
+    check_same_run(run_dir, cfg)
     if not stages[-1].validates:
         raise ValueError(f"method {cfg.method.name!r} must end with a stage that trains the target")
     datamodule: SourceTargetDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -381,6 +418,17 @@ def main(cfg: DictConfig) -> float:
     A run that diverged returns ``failure_value`` (0 by default): a finite worst value that an
     Optuna sweep records instead of crashing on NaN.
     """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy.startswith("ddp") and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            f"trainer.strategy={strategy} inside a multirun: Lightning's DDP re-launches the "
+            "command line, which would start the whole sweep again in every process. Run DDP "
+            "trials as single runs (one job each, e.g. hydra/launcher=slurm with several GPUs "
+            "per task is not supported either), or search with one device per trial"
+        )
     return float(train(cfg)["objective"])
 
 

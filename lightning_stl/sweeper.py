@@ -25,6 +25,8 @@ import csv
 import json
 import logging
 import math
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -69,6 +71,22 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
             if not self._mine(trial):
                 continue
             if trial.state == TrialState.RUNNING:
+                host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
+                if host != socket.gethostname():
+                    log.warning(
+                        "trial %d of worker %r is running on %s: left alone (if that sweep is "
+                        "dead, mark the trial failed with optuna's API)",
+                        trial.number,
+                        self.worker,
+                        host,
+                    )
+                    continue
+                if pid is not None and _alive(int(pid)):
+                    raise RuntimeError(
+                        f"sweep worker name {self.worker!r} is in use by the live process {pid} "
+                        f"(trial {trial.number}); give every sweep process on a study its own "
+                        "hydra.sweeper.worker"
+                    )
                 log.warning(
                     "trial %d (%s) was left running by an earlier sweep: marked failed, "
                     "its parameters will be run again",
@@ -160,6 +178,8 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
             for trial in trials:
                 trial.set_user_attr(WORKER_ATTR, self.worker)
                 trial.set_user_attr(STATUS_ATTR, LAUNCHED)
+                trial.set_user_attr("host", socket.gethostname())
+                trial.set_user_attr("pid", os.getpid())
             overrides = self._configure_trials(trials, distributions, fixed_params)
             overrides = [
                 (*o, f"+optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)
@@ -209,6 +229,17 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         if completed:
             best = study.best_trial
             log.info("best value %s with %s (trial %d)", best.value, best.params, best.number)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:

@@ -69,4 +69,5 @@ def test_slurm_launcher_asks_one_gpu_per_trial():
 
 def test_ddp_trainer():
     cfg = compose_with_hydra("trainer=ddp")
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.use_distributed_sampler is False
+    assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
+    assert cfg.trainer.use_distributed_sampler is False

@@ -73,3 +73,14 @@ def test_claims_in_one_process_are_exclusive_too(tmp_path):
 )
 def test_when_a_run_claims_a_device(accelerator, devices, cuda, enabled, expected):
     assert wants_device_pool(accelerator, devices, cuda, enabled) is expected
+
+
+def test_locks_are_named_by_physical_gpu(monkeypatch, tmp_path):
+    from lightning_stl.devices import physical_device_names
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert physical_device_names(2) == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert physical_device_names(2) == ["0", "1"]
+    with claim_device(2, tmp_path, names=["3", "5"]) as index:
+        assert index == 0 and (tmp_path / "device3.lock").exists()

@@ -339,8 +339,10 @@ def test_ddp_run_on_two_cpu_processes(tmp_path, subprocess_env):
             "trainer=ddp",
             "trainer.accelerator=cpu",
             "trainer.devices=2",
+            "method=finetune",  # each stage leaves one head unused
             "data.source_options.num_images=400",
-            "epochs.joint=2",
+            "epochs.source=2",
+            "epochs.target=2",
             "trainer.enable_progress_bar=false",
             f"hydra.run.dir={run_dir}",
         ],
@@ -352,6 +354,14 @@ def test_ddp_run_on_two_cpu_processes(tmp_path, subprocess_env):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # 400 source images / (128 per process x 2 processes) = 2 steps per epoch
-    assert metrics["status"] == "ok" and metrics["total_steps"] == 4
+    # source stage: 400 images / (128 per process x 2 processes) = 2 steps per epoch; target
+    # stage: 50 images / (128 x 2) = 1 step per epoch
+    assert metrics["status"] == "ok" and metrics["total_steps"] == 2 * 2 + 2 * 1
     assert metrics["test_acc"] is not None
+
+
+def test_resuming_a_folder_of_other_settings_is_refused(make_cfg, tmp_path):
+    train(make_cfg(output_dir=tmp_path / "same"))
+    train(make_cfg(output_dir=tmp_path / "same"))  # same settings: resumes (nothing left to do)
+    with pytest.raises(ValueError, match=r"other settings of method.*new hydra.run.dir"):
+        train(make_cfg("method.target_weight.tau=0.5", output_dir=tmp_path / "same"))

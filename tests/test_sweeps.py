@@ -226,3 +226,36 @@ def test_raised_errors_are_reported_not_told_as_values(tmp_path):
     told, attrs, error = make_impl()._outcome(ret)
     assert told is None and isinstance(error, ValueError)
     assert attrs["status"] == "failed" and "tau=0.0" in attrs["error"]
+
+
+def running_trial(study: optuna.Study, worker: str, pid: int) -> optuna.trial.Trial:
+    import socket
+
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.set_user_attr("sweep_worker", worker)
+    trial.set_user_attr("status", "launched")
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", pid)
+    return trial
+
+
+def test_recovery_fails_dead_trials_and_refuses_a_live_namesake():
+    study = optuna.create_study(direction="maximize")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    trial = running_trial(study, "w", int(dead.stdout))
+    impl = make_impl()
+    assert impl._recover(study) == 0
+    assert study.trials[trial.number].state.name == "FAIL"
+    again = study.ask()  # the killed trial's parameters come back first
+    assert again.suggest_float("x", 0.0, 1.0) == study.trials[trial.number].params["x"]
+
+    live = optuna.create_study(direction="maximize")
+    import os
+
+    running_trial(live, "w", os.getpid())
+    with pytest.raises(RuntimeError, match="worker name 'w' is in use by the live process"):
+        make_impl()._recover(live)
+    running_trial(live, "other", 999_999)  # another worker's trials are not this sweep's to touch

@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,12 @@ class DatasetSpec:
         )
         splits = load(root, download=download, **options)
         if cache_file is not None:
-            _write_cache(cache_file, splits)
+            try:
+                _write_cache(cache_file, splits)
+            except OSError as error:  # a read-only data.root: decode again next time
+                warnings.warn(
+                    f"could not write the tensor cache {cache_file}: {error}", stacklevel=2
+                )
         return splits
 
     def _cache_file(self, root: str | Path, options: dict[str, Any]) -> Path:
