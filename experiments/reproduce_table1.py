@@ -88,6 +88,7 @@ def run_search(
     overrides: list[str],
     work: Path,
     data_dir: str,
+    startup_trials: int | None = None,
 ) -> dict[str, float]:
     """The TPE search of one cell through Hydra multirun; its best parameters."""
     storage = f"sqlite:///{work / 'studies.db'}"
@@ -108,8 +109,12 @@ def run_search(
         f"hydra.sweeper.study_name={name}",
         f"hydra.sweeper.n_trials={trials}",
         f"hydra.sweeper.n_jobs={batch}",
+        # each row's search starts from its own random candidates
+        f"hydra.sweeper.sampler.seed={size}",
         f"hydra.sweep.dir={work / search / f'n{size}'}",
     ]
+    if startup_trials is not None:
+        command.append(f"hydra.sweeper.sampler.n_startup_trials={startup_trials}")
     if jobs > 1:
         command += ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={jobs}", "torch_threads=1"]
     env = dict(os.environ, LIGHTNING_STL_DATA=data_dir)
@@ -250,6 +255,7 @@ def main() -> None:
                             profile.get("overrides", []),
                             work,
                             args.data,
+                            profile.get("startup_trials"),
                         )
                         params_file.write_text(json.dumps(best_params, indent=1))
                     extra += [f"{k}={v!r}" for k, v in best_params[key].items()]
