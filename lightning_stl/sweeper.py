@@ -148,9 +148,15 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         if len(directions) != 1:
             raise ValueError(f"this sweeper optimises one objective, got directions {directions}")
 
+        storage = self.storage
+        if isinstance(storage, str) and storage.startswith("sqlite"):
+            # several sweep processes on one SQLite file wait for its lock instead of failing
+            storage = optuna.storages.RDBStorage(
+                storage, engine_kwargs={"connect_args": {"timeout": 120}}
+            )
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=self.storage,
+            storage=storage,
             sampler=self.sampler,
             directions=directions,
             load_if_exists=True,

@@ -133,7 +133,7 @@ def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, subprocess_env
             "hydra.launcher.n_jobs=2",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=2",
-            "epochs.joint=6",
+            "epochs.joint=20",  # long enough that the second worker starts before the first ends
         ),
         cwd=ROOT,
         env=subprocess_env,
