@@ -58,6 +58,9 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         super().__init__(*args, **kwargs)
         self.worker = str(worker)
         self.failure_value = float(failure_value)
+        # parameters of trials a killed sweep left running -> their run folder's trial number, so
+        # that the re-run resumes from the folder's last.ckpt instead of starting over
+        self.rerun_folders: dict[str, int] = {}
 
     # ------------------------------------------------------------------ helpers
     def _mine(self, trial: optuna.trial.FrozenTrial) -> bool:
@@ -96,6 +99,7 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
                 study.tell(trial.number, state=TrialState.FAIL)
                 if trial.params:
                     study.enqueue_trial(trial.params)
+                    self.rerun_folders[_params_key(trial.params)] = trial.number
             elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) != LAUNCHED:
                 finished += 1
         return finished
@@ -188,7 +192,8 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
                 trial.set_user_attr("pid", os.getpid())
             overrides = self._configure_trials(trials, distributions, fixed_params)
             overrides = [
-                (*o, f"+optuna_trial={t.number}") for o, t in zip(overrides, trials, strict=True)
+                (*o, f"+optuna_trial={self.rerun_folders.pop(_params_key(t.params), t.number)}")
+                for o, t in zip(overrides, trials, strict=True)
             ]
             started = time.time()
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
@@ -235,6 +240,10 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         if completed:
             best = study.best_trial
             log.info("best value %s with %s (trial %d)", best.value, best.params, best.number)
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def _alive(pid: int) -> bool:

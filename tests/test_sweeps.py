@@ -3,6 +3,7 @@ trials, and failures that do not crash the sweep."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -142,7 +143,6 @@ def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, subprocess_env
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
 
     runs = [json.loads(p.read_text()) for p in tmp_path.glob("sweep_*/trial_*/metrics.json")]
     assert len(runs) == 2
@@ -251,6 +251,10 @@ def test_recovery_fails_dead_trials_and_refuses_a_live_namesake():
     assert study.trials[trial.number].state.name == "FAIL"
     again = study.ask()  # the killed trial's parameters come back first
     assert again.suggest_float("x", 0.0, 1.0) == study.trials[trial.number].params["x"]
+    # ... and are run in the killed trial's folder, so that the run resumes from its last.ckpt
+    assert impl.rerun_folders == {
+        json.dumps({"x": again.params["x"]}, sort_keys=True): trial.number
+    }
 
     live = optuna.create_study(direction="maximize")
     import os
