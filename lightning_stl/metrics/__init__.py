@@ -1,0 +1,10 @@
+"""torchmetrics Metrics of the SMILE paper."""
+
+from lightning_stl.metrics.interpolation_loss import (
+    InterpolationLoss,
+    interpolation_inputs,
+    mix,
+    sample_mixing_weights,
+)
+
+__all__ = ["InterpolationLoss", "interpolation_inputs", "mix", "sample_mixing_weights"]
