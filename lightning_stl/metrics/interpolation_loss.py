@@ -33,7 +33,7 @@ def sample_mixing_weights(
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
     if generator is None:
         draws = beta.sample((3, batch_size))
-    else:  # Beta via two Gamma draws would ignore the generator; use the inverse-free ratio
+    else:  # torch.distributions takes no generator: Beta(α, α) as the ratio G1 / (G1 + G2) of Gammas
         gamma = torch._standard_gamma(
             torch.full((6, batch_size), float(alpha)), generator=generator
         )
