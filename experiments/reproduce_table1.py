@@ -63,19 +63,9 @@ def train_cell(overrides: list[str], run_dir: str, data_dir: str) -> dict[str, A
     metrics_file = Path(run_dir) / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
+    from lightning_stl.run import compose_config, train
 
-    from lightning_stl.run import train
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = run_dir
-        cfg.paths.data_dir = data_dir
-    return train(cfg)
+    return train(compose_config(overrides, run_dir, data_dir))
 
 
 def run_search(

@@ -15,10 +15,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-
-from lightning_stl.run import train
+from lightning_stl.run import compose_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "digits"
@@ -26,21 +23,14 @@ FIELDS = ["method", "target_size", "seed", "test_acc", "best_val_acc", "total_st
 
 
 def run_one(method: str, size: int, seed: int, work: Path) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"method={method}",
-                f"data.target_size={size}",
-                f"seed={seed}",
-                "trainer.enable_progress_bar=false",
-                "callbacks=none",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(work / f"{method}_n{size}_s{seed}")
-        cfg.paths.data_dir = str(ROOT / "data")
-    return train(cfg)
+    overrides = [
+        f"method={method}",
+        f"data.target_size={size}",
+        f"seed={seed}",
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+    ]
+    return train(compose_config(overrides, work / f"{method}_n{size}_s{seed}", ROOT / "data"))
 
 
 def summarize(rows: list[dict]) -> str:

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_stl.callbacks import DivergenceGuard
 from lightning_stl.data import SourceTargetDataModule
@@ -409,6 +409,26 @@ def _absolute_omega(
         return None
     t0, tau, alpha = absolute(total_steps)
     return {"t0": t0, "tau": tau, "alpha": alpha}
+
+
+def compose_config(
+    overrides: list[str], output_dir: str | Path, data_dir: str | Path | None = None
+) -> DictConfig:
+    """``conf/config.yaml`` with ``overrides``, writing into ``output_dir``, outside ``hydra.main``.
+
+    For scripts and tests that call :func:`train` in-process (no Hydra run folder, no chdir).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    return cfg
 
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -376,7 +375,3 @@ class DurableOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         return self.sweeper.sweep(arguments)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: python -m lightning_stl.run -m hparams_search=smooth_tpe")

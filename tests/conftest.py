@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from lightning_stl.run import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
 
 #: Overrides that make a run take a few seconds on a CPU: 400 rendered source images, N = 30,
 #: two epochs of 4 steps of 64 + 64 images.
@@ -40,17 +43,9 @@ def make_cfg(data_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose ``conf/config.yaml`` with overrides, writing into ``tmp_path/run``."""
 
     def _make(*overrides: str, tiny: bool = True, output_dir: Path | None = None) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=[*(TINY if tiny else []), *overrides],
-            )
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
-            cfg.paths.data_dir = str(data_dir)
-            cfg.data.root = str(data_dir)
-        return cfg
+        return compose_config(
+            [*(TINY if tiny else []), *overrides], output_dir or tmp_path / "run", data_dir
+        )
 
     return _make
 
@@ -61,3 +56,20 @@ def subprocess_env(data_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["LIGHTNING_STL_DATA"] = str(data_dir)
     return env
+
+
+@pytest.fixture
+def run_cli(subprocess_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m lightning_stl.run *args`` from the project folder; its output captured."""
+
+    def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_stl.run", *args],
+            cwd=ROOT,
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return _run

@@ -36,18 +36,11 @@ def final_state(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_main_entry_point_trains_tests_and_writes_its_files(tmp_path, subprocess_env):
+def test_main_entry_point_trains_tests_and_writes_its_files(tmp_path, run_cli):
     run_dir = tmp_path / "cli"
     from tests.conftest import TINY
 
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_stl.run", *TINY, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "target test accuracy (best-validation checkpoint" in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -329,28 +322,18 @@ def test_a_diverging_run_stops_and_reports_a_finite_worst_value(make_cfg):
     )
 
 
-def test_ddp_run_on_two_cpu_processes(tmp_path, subprocess_env):
+def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli):
     run_dir = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_stl.run",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "method=finetune",  # each stage leaves one head unused
-            "data.source_options.num_images=400",
-            "epochs.source=2",
-            "epochs.target=2",
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_cli(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "method=finetune",  # each stage leaves one head unused
+        "data.source_options.num_images=400",
+        "epochs.source=2",
+        "epochs.target=2",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

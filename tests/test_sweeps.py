@@ -30,11 +30,12 @@ TINY_SWEEP = [
 ]
 
 
+CLI = [sys.executable, "-m", "lightning_stl.run"]
+
+
 def sweep_args(tmp_path: Path, *extra: str, search: str = "smooth_tpe") -> list[str]:
+    """Arguments of ``python -m lightning_stl.run`` for a tiny TPE sweep into ``tmp_path``."""
     return [
-        sys.executable,
-        "-m",
-        "lightning_stl.run",
         "-m",
         f"hparams_search={search}",
         *TINY_SWEEP,
@@ -47,7 +48,7 @@ def load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, subprocess_env):
+def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, subprocess_env, run_cli):
     storage = f"sqlite:///{tmp_path}/study.db"
     args = sweep_args(
         tmp_path,
@@ -57,7 +58,11 @@ def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, subpr
         "hydra.sweeper.n_jobs=1",
     )
     first = subprocess.Popen(
-        args, cwd=ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*CLI, *args],
+        cwd=ROOT,
+        env=subprocess_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
     complete: list[optuna.trial.FrozenTrial] = []
@@ -77,9 +82,7 @@ def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, subpr
     }
     assert 2 <= len(done_before) < 4
 
-    second = subprocess.run(
-        args, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600
-    )
+    second = run_cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     trials = load(storage, "resume").trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -100,15 +103,18 @@ def test_two_sweep_processes_share_one_study(tmp_path, subprocess_env):
     storage = f"sqlite:///{tmp_path}/shared.db"
     procs = [
         subprocess.Popen(
-            sweep_args(
-                tmp_path,
-                f"hydra.sweeper.storage={storage}",
-                "hydra.sweeper.study_name=shared",
-                "hydra.sweeper.n_trials=2",
-                "hydra.sweeper.n_jobs=1",
-                f"hydra.sweeper.worker={worker}",
-                f"hydra.sweeper.sampler.seed={seed}",
-            ),
+            [
+                *CLI,
+                *sweep_args(
+                    tmp_path,
+                    f"hydra.sweeper.storage={storage}",
+                    "hydra.sweeper.study_name=shared",
+                    "hydra.sweeper.n_trials=2",
+                    "hydra.sweeper.n_jobs=1",
+                    f"hydra.sweeper.worker={worker}",
+                    f"hydra.sweeper.sampler.seed={seed}",
+                ),
+            ],
             cwd=ROOT,
             env=subprocess_env,
             stdout=subprocess.DEVNULL,
@@ -126,21 +132,16 @@ def test_two_sweep_processes_share_one_study(tmp_path, subprocess_env):
     assert len({t.number for t in trials}) == 4
 
 
-def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, subprocess_env):
-    result = subprocess.run(
-        sweep_args(
+def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, run_cli):
+    result = run_cli(
+        *sweep_args(
             tmp_path,
             "hydra/launcher=parallel",
             "hydra.launcher.n_jobs=2",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=2",
             "epochs.joint=20",  # long enough that the second worker starts before the first ends
-        ),
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        )
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -151,38 +152,28 @@ def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, subprocess_env
     assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]  # overlapping
 
 
-def test_diverging_and_raising_trials(tmp_path, subprocess_env):
-    diverging = subprocess.run(
-        sweep_args(
+def test_diverging_and_raising_trials(tmp_path, run_cli):
+    diverging = run_cli(
+        *sweep_args(
             tmp_path,
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=2",
             "optimizer.lr=1e12",
             "optimizer.final_lr=1e12",
             "failure_value=-1",
-        ),
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        )
     )
     assert diverging.returncode == 0, diverging.stderr[-3000:]
     table = next(tmp_path.glob("sweep_*/trials.csv")).read_text()
     assert table.count(",diverged,") == 2 and ",-1.0," in table
 
-    raising = subprocess.run(
-        sweep_args(
+    raising = run_cli(
+        *sweep_args(
             tmp_path / "raising",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=1",
             "data.target_size=5000",
-        ),
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        )
     )
     assert raising.returncode != 0
     assert "trial 0 failed with parameters" in raising.stdout + raising.stderr
