@@ -6,7 +6,7 @@ EXPERIMENT ?= digits
 PROFILE ?= quick
 JOBS ?= 2
 
-.PHONY: install run test test-all lint format bench reproduce-table1 clean
+.PHONY: install run test test-all lint format bench reproduce-table1 reproduce-smile clean
 
 install:  ## install the package and the dev tools (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -33,6 +33,9 @@ bench:  ## speed benchmarks (print ratios)
 
 reproduce-table1:  ## Table 1 + Figure 2 (EXPERIMENT=digits|svhn_mnist|cifar10_cifar100, PROFILE=quick|paper, JOBS=k)
 	$(PYTHON) experiments/reproduce_table1.py --experiment $(EXPERIMENT) --profile $(PROFILE) --jobs $(JOBS)
+
+reproduce-smile:  ## SMILE's Table 2 layout + ablations (EXPERIMENT=digits|cub200|stanford_cars|fgvc_aircraft|mit_indoor67|food101)
+	$(PYTHON) experiments/reproduce_smile.py --experiment $(EXPERIMENT) --profile $(if $(filter digits,$(EXPERIMENT)),$(PROFILE),paper) --jobs $(JOBS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,7 +1,10 @@
-"""Optimiser and learning-rate schedule of Smooth Transfer Learning, Appendix A.1–A.3.
+"""Optimiser and learning-rate schedules of the two papers.
 
-Momentum SGD (0.9); the learning rate rises linearly over the first 2.5% of the steps, then follows
-cosine annealing from the peak to the final rate (0.1 → 1e-3 for CIFAR, 1e-2 → 1e-4 for SVHN).
+* ``schedule="warmup_cosine"`` (Smooth Transfer Learning, Appendix A.1–A.3): momentum SGD (0.9);
+  the learning rate rises linearly over the first 2.5% of the steps, then follows cosine annealing
+  from the peak to the final rate (0.1 → 1e-3 for CIFAR, 1e-2 → 1e-4 for SVHN).
+* ``schedule="step"`` (SMILE, Section 4.0.2): the learning rate is divided by 10 after two-thirds
+  of the iterations (``milestones=[0.6667]``, ``gamma=0.1``), after an optional linear warm-up.
 """
 
 from __future__ import annotations
@@ -54,9 +57,55 @@ class WarmupCosineFactor:
         return lr / self.peak_lr
 
 
+def warmup_step_lr(
+    step: int,
+    total_steps: int,
+    peak_lr: float,
+    warmup_fraction: float,
+    milestones: tuple[float, ...],
+    gamma: float,
+) -> float:
+    """The learning rate of the 0-based ``step``: linear warm-up (as :func:`warmup_cosine_lr`),
+    then ``peak_lr · gamma^k`` where k counts the milestones ``m`` (fractions of ``total_steps``)
+    with ``step >= round(m · total_steps)``."""
+    warmup = warmup_steps(total_steps, warmup_fraction)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    passed = sum(step >= round(m * total_steps) for m in milestones)
+    return peak_lr * gamma**passed
+
+
+class WarmupStepFactor:
+    """``LambdaLR`` factor for :func:`warmup_step_lr`."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        warmup_fraction: float,
+        milestones: tuple[float, ...],
+        gamma: float,
+    ):
+        self.total_steps = int(total_steps)
+        self.warmup_fraction = float(warmup_fraction)
+        self.milestones = tuple(float(m) for m in milestones)
+        self.gamma = float(gamma)
+
+    def __call__(self, step: int) -> float:
+        return warmup_step_lr(
+            step, self.total_steps, 1.0, self.warmup_fraction, self.milestones, self.gamma
+        )
+
+
+SCHEDULES = ("warmup_cosine", "step")
+
+
 @dataclass(frozen=True)
 class SGDConfig:
-    """Momentum SGD with linear warm-up then cosine annealing (Appendix A.3)."""
+    """Momentum SGD with a warm-up then cosine (Appendix A.3) or step (SMILE) schedule.
+
+    ``final_lr`` is used by the cosine schedule, ``milestones`` (fractions of the steps) and
+    ``gamma`` by the step schedule.
+    """
 
     lr: float = 0.1
     final_lr: float = 1e-3
@@ -64,8 +113,29 @@ class SGDConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.025
     nesterov: bool = False
+    schedule: str = "warmup_cosine"
+    milestones: tuple[float, ...] = (2 / 3,)
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"optimizer.schedule={self.schedule!r} is not allowed: choose one of "
+                f"{', '.join(SCHEDULES)}"
+            )
+        if not isinstance(self.milestones, list | tuple):
+            raise ValueError(
+                f"optimizer.milestones={self.milestones!r} is not allowed: it must be a list of "
+                "fractions of the steps in (0, 1), e.g. [0.6667]"
+            )
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        if not all(isinstance(m, int | float) and 0 < m < 1 for m in self.milestones):
+            raise ValueError(
+                f"optimizer.milestones={list(self.milestones)} is not allowed: each must be a "
+                "fraction of the steps in (0, 1)"
+            )
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"optimizer.gamma={self.gamma} is not allowed: it must lie in (0, 1]")
         if not self.lr > 0:
             raise ValueError(f"optimizer.lr={self.lr} is not allowed: it must be > 0")
         if not 0 <= self.final_lr <= self.lr:
@@ -98,7 +168,12 @@ class SGDConfig:
             weight_decay=self.weight_decay,
             nesterov=self.nesterov,
         )
-        factor = WarmupCosineFactor(total_steps, self.lr, self.final_lr, self.warmup_fraction)
+        if self.schedule == "step":
+            factor = WarmupStepFactor(
+                total_steps, self.warmup_fraction, self.milestones, self.gamma
+            )
+        else:
+            factor = WarmupCosineFactor(total_steps, self.lr, self.final_lr, self.warmup_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,

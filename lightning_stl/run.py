@@ -16,6 +16,7 @@ folder, and returns the best validation accuracy for a sweeper to maximise.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -36,6 +37,8 @@ from lightning_stl.callbacks import DivergenceGuard
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
 from lightning_stl.methods import SmoothTransfer
+from lightning_stl.models.registry import create_backbone
+from lightning_stl.models.source_model import SourceModel, download_source_model, read_source_model
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
 
@@ -62,6 +65,10 @@ class Stage:
     epoch_basis: str
     target_weight: TargetWeightSchedule
     copy_source_batchnorm: bool = False
+    max_steps: int | None = None
+    """Optimiser steps of the stage (SMILE counts iterations); ``None``: ``epochs`` epochs."""
+    validates_target: bool = True
+    """Whether the data has a validation split (fine-grained protocols train on every image)."""
 
     @classmethod
     def from_config(cls, conf: DictConfig) -> Stage:
@@ -70,6 +77,14 @@ class Stage:
             raise ValueError(
                 f"stage {conf.name!r}: epochs={epochs} is not allowed: it must be an integer >= 1"
             )
+        max_steps = conf.get("max_steps")
+        if max_steps is not None and (
+            isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+        ):
+            raise ValueError(
+                f"stage {conf.name!r}: max_steps={max_steps} is not allowed: it must be an "
+                "integer >= 1, or null to train for `epochs` epochs"
+            )
         schedule = hydra.utils.instantiate(conf.target_weight, _convert_="all")
         return cls(
             name=str(conf.name),
@@ -77,25 +92,186 @@ class Stage:
             epoch_basis=str(conf.epoch_basis),
             target_weight=schedule,
             copy_source_batchnorm=bool(conf.get("copy_source_batchnorm", False)),
+            max_steps=max_steps,
         )
 
     @property
     def validates(self) -> bool:
-        """A stage validates (and early-stops) only when it trains the target head."""
+        """A stage validates (and early-stops) only when it trains the target head on data that
+        has a validation split."""
+        return self.validates_target and TARGET in self.target_weight.domains()
+
+    @property
+    def trains_target(self) -> bool:
         return TARGET in self.target_weight.domains()
 
 
-def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> SmoothTransfer:
-    """The LightningModule for ``cfg``, sized for the data sets of ``datamodule``."""
+def _backbone_options(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.backbone.options, resolve=True)
+
+
+def build_smooth_transfer(
+    cfg: DictConfig, datamodule: SourceTargetDataModule, optimizer: DictConfig | None = None
+) -> SmoothTransfer:
+    """A :class:`SmoothTransfer` for ``cfg``, sized for the data sets of ``datamodule``.
+
+    ``backbone.weights`` (a local file) initialises its backbone (classifier weights ignored).
+    """
+    options = _backbone_options(cfg)
+    if cfg.backbone.get("weights"):
+        options["pretrained_file"] = cfg.backbone.weights
     return SmoothTransfer(
         backbone=cfg.backbone.name,
-        backbone_options=OmegaConf.to_container(cfg.backbone.options, resolve=True),
+        backbone_options=options,
         in_chans=cfg.backbone.in_chans,
         num_target_classes=datamodule.num_target_classes,
         num_source_classes=datamodule.num_source_classes,
         batchnorm=cfg.batchnorm,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        optimizer=OmegaConf.to_container(optimizer or cfg.optimizer, resolve=True),
     )
+
+
+def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.LightningModule:
+    """The LightningModule of ``cfg.method`` (``method.module._target_``; SmoothTransfer when
+    absent), sized for ``datamodule``. A fine-tuning module starts from the source model of
+    :func:`resolve_source_model`."""
+    module_conf = cfg.method.get("module")
+    target = module_conf.get("_target_") if module_conf is not None else None
+    if target is None or target.endswith("SmoothTransfer"):
+        return build_smooth_transfer(cfg, datamodule)
+    pretraining = cfg.get("pretraining") or {}
+    on_source = bool(pretraining.get("on_source"))
+    if on_source and cfg.batchnorm != "shared":
+        raise ValueError(
+            f"pretraining.on_source=true needs batchnorm=shared, got batchnorm={cfg.batchnorm!r}: "
+            "the fine-tuned model has one set of BatchNorm statistics"
+        )
+    # Build (and so check) the module before any pre-training, with the model's initial weights
+    # drawn from the run's seed whether or not the pre-training is cached.
+    source = None if on_source else resolve_source_model(cfg, datamodule)
+    if on_source:
+        num_source_classes = datamodule.num_source_classes
+    else:
+        num_source_classes = source.num_classes if source is not None else None
+    module = hydra.utils.instantiate(
+        module_conf,
+        backbone=cfg.backbone.name,
+        backbone_options=_backbone_options(cfg),
+        in_chans=cfg.backbone.in_chans,
+        num_target_classes=datamodule.num_target_classes,
+        num_source_classes=num_source_classes,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        _convert_="all",
+    )
+    if on_source:
+        source = resolve_source_model(cfg, datamodule)
+    if source is not None:
+        module.load_source_model(source)
+    elif getattr(module, "teacher", None) is not None:
+        raise ValueError(
+            f"method {cfg.method.name!r} regularises towards a pre-trained model, but none is "
+            "given: set backbone.weights=<file or checkpoint>, backbone.pretrained=true (timm's "
+            "weights, online) or pretraining.on_source=true"
+        )
+    return module
+
+
+def resolve_source_model(cfg: DictConfig, datamodule: SourceTargetDataModule) -> SourceModel | None:
+    """The pre-trained model a fine-tuning method starts from, by the first setting that is on:
+
+    1. ``pretraining.on_source``: this project's training on ``data.source`` (cached, see
+       :func:`pretrain_on_source`);
+    2. ``backbone.weights``: a local file (no network access);
+    3. ``backbone.pretrained``: timm's weights for ``backbone.name`` (downloaded when online).
+
+    ``None`` when none is on (fine-tuning from a random initialisation).
+    """
+    pretraining = cfg.get("pretraining") or {}
+    backbone = create_backbone(
+        cfg.backbone.name, in_chans=cfg.backbone.in_chans, **_backbone_options(cfg)
+    )
+    if pretraining.get("on_source"):
+        return read_source_model(pretrain_on_source(cfg, datamodule), backbone)
+    if cfg.backbone.get("weights"):
+        return read_source_model(cfg.backbone.weights, backbone)
+    if cfg.backbone.get("pretrained"):
+        return download_source_model(cfg.backbone.name, backbone, cfg.backbone.in_chans)
+    return None
+
+
+def pretraining_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that decide a source pre-training (its cache key)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    pretraining = cfg.pretraining
+    return _jsonable(
+        {
+            "source": data.get("source"),
+            "source_options": data.get("source_options"),
+            "source_batch_size": data.get("source_batch_size"),
+            "source_augment": data.get("source_augment"),
+            "target": data.get("target"),
+            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+            "batchnorm": cfg.batchnorm,
+            "optimizer": OmegaConf.to_container(
+                pretraining.get("optimizer") or cfg.optimizer, resolve=True
+            ),
+            "epochs": pretraining.epochs,
+            "seed": pretraining.seed,
+        }
+    )
+
+
+def pretrain_on_source(cfg: DictConfig, datamodule: SourceTargetDataModule) -> Path:
+    """Train backbone + source head on ``data.source`` once and return its checkpoint.
+
+    The training is cached in ``pretraining.cache_dir/<source>_<backbone>_<hash of settings>``:
+    every later run with the same settings (any seed, N, method) reads its ``last.ckpt``. Runs
+    that start together wait for the one that trains (a file lock); a killed pre-training
+    resumes from its ``last.ckpt`` like any stage.
+    """
+    import fcntl
+
+    pretraining = cfg.pretraining
+    if datamodule.source_spec is None:
+        raise ValueError(
+            "pretraining.on_source=true needs a source data set, but data.source is null"
+        )
+    identity = pretraining_identity(cfg)
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(pretraining.cache_dir) / f"{datamodule.source_name}_{cfg.backbone.name}_{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stage_conf = OmegaConf.create(
+        {
+            "name": "source",
+            "epochs": pretraining.epochs,
+            "epoch_basis": "source",
+            "target_weight": {
+                "_target_": "lightning_stl.schedule.ConstantTargetWeight",
+                "value": 0.0,
+            },
+        }
+    )
+    stage = Stage.from_config(stage_conf)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = folder / "checkpoints" / stage.name / STAGE_FILE
+        if done.exists():
+            path = Path(json.loads(done.read_text())["last_model_path"])
+            log.info("source pre-training cached: %s", path)
+            return path
+        (folder / "settings.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
+        log.info("pre-training on the source %s into %s", datamodule.source_name, folder)
+        pre_cfg = cfg.copy()
+        with open_dict(pre_cfg):
+            pre_cfg.seed = int(pretraining.seed)
+            pre_cfg.paths.output_dir = str(folder)
+            pre_cfg.method.callbacks = None
+        L.seed_everything(pre_cfg.seed, workers=True, verbose=False)
+        module = build_smooth_transfer(pre_cfg, datamodule, pretraining.get("optimizer"))
+        summary = run_stage(pre_cfg, stage, 0, module, datamodule, folder, {})
+    if summary["status"] != "ok":
+        raise RuntimeError(f"the source pre-training in {folder} diverged: {summary}")
+    return Path(summary["last_model_path"])
 
 
 def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Callback]:
@@ -124,6 +300,15 @@ def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Call
     return callbacks
 
 
+def _method_callbacks(cfg: DictConfig) -> list[Callback]:
+    """``method.callbacks``: what the method needs on training time (SMILE's mean teacher)."""
+    return [
+        hydra.utils.instantiate(conf)
+        for conf in (cfg.method.get("callbacks") or {}).values()
+        if conf is not None
+    ]
+
+
 def _loggers(cfg: DictConfig, stage: Stage) -> list[Any]:
     loggers = []
     for conf in (cfg.get("logger") or {}).values():
@@ -136,7 +321,7 @@ def run_stage(
     cfg: DictConfig,
     stage: Stage,
     index: int,
-    module: SmoothTransfer,
+    module: L.LightningModule,
     datamodule: SourceTargetDataModule,
     run_dir: Path,
     trainer_overrides: dict[str, Any],
@@ -158,12 +343,23 @@ def run_stage(
     scheduler = TargetWeightScheduler(stage.target_weight)
     guard = DivergenceGuard()
     callbacks = _callbacks(cfg, stage, stage_dir)
+    if stage.trains_target:
+        callbacks += _method_callbacks(cfg)
     extra: dict[str, Any] = {}
     if not stage.validates:
         extra = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    val_every = cfg.get("val_every_n_steps")
+    if stage.validates and val_every:
+        # small N: an epoch is one or two steps; validating every epoch would dominate the run
+        per_epoch = datamodule.steps_per_epoch()
+        epochs = math.ceil(stage.max_steps / per_epoch) if stage.max_steps else stage.epochs
+        extra["check_val_every_n_epoch"] = min(epochs, max(1, round(val_every / per_epoch)))
+    if stage.max_steps is not None:
+        extra.update(max_epochs=-1, max_steps=stage.max_steps)
+    else:
+        extra.update(max_epochs=stage.epochs)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        max_epochs=stage.epochs,
         callbacks=[scheduler, guard, *callbacks],
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
@@ -177,6 +373,7 @@ def run_stage(
     summary: dict[str, Any] = {
         "name": stage.name,
         "epochs": stage.epochs,
+        "max_steps": stage.max_steps,
         "epoch_basis": stage.epoch_basis,
         "total_steps": scheduler.total_steps,
         "schedule": stage.target_weight.describe(),
@@ -189,19 +386,36 @@ def run_stage(
         **guard.describe(),
         "wall_time_s": time.perf_counter() - started,
     }
-    if summary["best_model_path"]:
-        header = torch.load(summary["best_model_path"], map_location="cpu", weights_only=True)
-        summary["best_step"] = int(header["global_step"])
     if not summary["last_model_path"]:
         trainer.save_checkpoint(last)
         summary["last_model_path"] = str(last)
+    tested = summary["best_model_path"] or (
+        summary["last_model_path"] if stage.trains_target else None
+    )
+    if tested:
+        header = torch.load(tested, map_location="cpu", weights_only=True)
+        summary["best_step"] = int(header["global_step"])
     _write_json(done, summary)
     return summary
 
 
 #: The parts of a config that decide what a run computes (not where it writes or how it shows it).
-RUN_IDENTITY = ("data", "backbone", "method", "optimizer", "epochs", "seed", "batchnorm")
-_NOT_IDENTITY = {"data": ("root", "download", "num_workers", "eval_batch_size")}
+RUN_IDENTITY = (
+    "data",
+    "backbone",
+    "method",
+    "optimizer",
+    "epochs",
+    "steps",
+    "pretraining",
+    "seed",
+    "batchnorm",
+    "val_every_n_steps",
+)
+_NOT_IDENTITY = {
+    "data": ("root", "download", "num_workers", "eval_batch_size"),
+    "pretraining": ("cache_dir",),
+}
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -275,7 +489,7 @@ def _write_run_files(
 
 def _test(
     cfg: DictConfig,
-    module: SmoothTransfer,
+    module: L.LightningModule,
     datamodule: SourceTargetDataModule,
     best: str,
     trainer_overrides: dict[str, Any],
@@ -290,8 +504,43 @@ def _test(
     return float(results[0]["test/acc"])
 
 
+def cross_validate(cfg: DictConfig) -> dict[str, Any]:
+    """``data.cv_folds`` = k trainings, fold i validating on the i-th of k stratified folds of the
+    training set and training on the others (``data.cv_folds``/``data.cv_fold``), each in
+    ``fold<i>/`` of the run folder. Returns the mean of the folds' objectives (``cv.json``).
+
+    SMILE, Section 4.0.2: "a simple three-fold cross validation on the original training set".
+    """
+    folds = cfg.data.cv_folds
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(
+            f"data.cv_folds={folds!r} is not allowed: it must be an integer >= 2, or null"
+        )
+    run_dir = Path(cfg.paths.output_dir)
+    results = []
+    for fold in range(folds):
+        fold_cfg = cfg.copy()
+        with open_dict(fold_cfg):
+            fold_cfg.data.cv_fold = fold
+            fold_cfg.paths.output_dir = str(run_dir / f"fold{fold}")
+        results.append(train(fold_cfg))
+    objectives = [float(r["objective"]) for r in results]
+    summary = {
+        "cv_folds": folds,
+        "objective": sum(objectives) / folds,
+        "fold_objectives": objectives,
+        "status": "ok" if all(r["status"] == "ok" for r in results) else "diverged",
+    }
+    _write_json(run_dir / "cv.json", summary)
+    print(f"{folds}-fold cross-validation accuracy {summary['objective']:.4f}  -> {run_dir}")
+    return summary
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data`` on a device of its own; see :func:`train_on`."""
+    data = cfg.get("data") or {}
+    if data.get("cv_folds") and data.get("cv_fold", 0) is None:
+        return cross_validate(cfg)
     pool = cfg.get("device_pool") or {}
     cuda = torch.cuda.device_count()
     if not wants_device_pool(
@@ -319,13 +568,16 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = [Stage.from_config(conf) for conf in cfg.method.stages]
     check_same_run(run_dir, cfg)
-    if not stages[-1].validates:
+    if not stages[-1].trains_target:
         raise ValueError(f"method {cfg.method.name!r} must end with a stage that trains the target")
     datamodule: SourceTargetDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
-    module = build_module(cfg, datamodule)
+    has_validation = bool(getattr(datamodule, "has_validation", True))
+    for stage in stages:
+        stage.validates_target = has_validation
     datamodule.prepare_data()
     datamodule.setup("fit")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
+    module = build_module(cfg, datamodule)
 
     summaries: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
@@ -336,7 +588,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
             break
     final = summaries[-1]
     status = final["status"]
-    best_path = final["best_model_path"] if len(summaries) == len(stages) else None
+    best_path = None
+    if len(summaries) == len(stages):  # without validation, the final model is tested
+        best_path = final["best_model_path"] if has_validation else final["last_model_path"]
     test_acc = _test(cfg, module, datamodule, best_path, trainer_overrides) if best_path else None
 
     offset, rows = 0, []
@@ -351,7 +605,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         "method": cfg.method.name,
         "status": status,
         "objective": (
-            final["best_val_acc"]
+            (final["best_val_acc"] if has_validation else test_acc)
             if best_path and status == "ok"
             else float(cfg.get("failure_value", 0.0))
         ),
@@ -387,6 +641,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
             metrics["objective"],
         )
         print(f"run {status}: objective {metrics['objective']}  -> {run_dir}")
+        return metrics
+    if not has_validation:
+        print(f"target test accuracy (final model, step {best_step}): {test_acc:.4f}  -> {run_dir}")
         return metrics
     log.info(
         "best validation accuracy %.4f at step %d; test accuracy of that checkpoint %.4f",

@@ -58,3 +58,85 @@ def test_scheduler_applies_the_rates_step_by_step():
 def test_bad_optimizer_settings_are_rejected(field, value):
     with pytest.raises(ValueError, match=rf"optimizer.{field}="):
         SGDConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------- SMILE's step schedule
+
+
+def stepped_rates(config: SGDConfig, total: int) -> list[float]:
+    """The learning rate of each optimiser step, read from the optimiser that ``build`` returns."""
+    model = torch.nn.Linear(2, 1)
+    built = config.build(model, total_steps=total)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert built["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("total", [6, 9, 10, 600])
+def test_step_schedule_divides_the_rate_by_ten_after_two_thirds(total):
+    config = SGDConfig(lr=0.01, schedule="step", warmup_fraction=0.0)
+    assert config.milestones == (2 / 3,) and config.gamma == 0.1
+    switch = round(2 / 3 * total)
+    expected = [0.01 if step < switch else 0.001 for step in range(total)]
+    assert stepped_rates(config, total) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_sgd_step_config_is_smiles_schedule():
+    from omegaconf import OmegaConf
+
+    from tests.conftest import ROOT
+
+    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "optimizer" / "sgd_step.yaml"))
+    config = SGDConfig(**conf)
+    assert (config.lr, config.momentum, config.weight_decay) == (0.01, 0.9, 1e-4)
+    rates = stepped_rates(config, 9000)  # SMILE: 9,000 iterations
+    assert rates[0] == pytest.approx(0.01) and rates[5999] == pytest.approx(0.01)
+    assert rates[6000] == pytest.approx(0.001) and rates[-1] == pytest.approx(0.001)
+    assert sorted(set(round(r, 12) for r in rates)) == [0.001, 0.01]
+
+
+def test_step_schedule_with_warmup_and_two_milestones():
+    config = SGDConfig(
+        lr=0.02, schedule="step", warmup_fraction=0.1, milestones=[0.5, 0.75], gamma=0.5
+    )
+    total = 40
+    expected = []
+    for step in range(total):
+        if step < 4:  # warm-up: 10% of 40 steps
+            expected.append(0.02 * (step + 1) / 4)
+        else:
+            expected.append(0.02 * 0.5 ** ((step >= 20) + (step >= 30)))
+    assert stepped_rates(config, total) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (
+            {"schedule": "cosine"},
+            r"optimizer.schedule='cosine' is not allowed.*warmup_cosine, step",
+        ),
+        ({"schedule": "Step"}, r"optimizer.schedule='Step'"),
+        ({"schedule": "step", "milestones": [0.0]}, r"optimizer.milestones=\[0.0\] is not allowed"),
+        ({"schedule": "step", "milestones": [1.0]}, r"optimizer.milestones=\[1.0\]"),
+        ({"schedule": "step", "milestones": [0.5, 1.5]}, r"optimizer.milestones=\[0.5, 1.5\]"),
+        ({"schedule": "step", "milestones": [-0.2]}, r"optimizer.milestones=\[-0.2\]"),
+        ({"schedule": "step", "milestones": ["0.5"]}, r"optimizer.milestones=\['0.5'\]"),
+        ({"schedule": "step", "milestones": [True]}, r"optimizer.milestones=\[True\]"),
+        ({"schedule": "step", "gamma": 0.0}, r"optimizer.gamma=0.0 is not allowed"),
+        ({"schedule": "step", "gamma": 1.5}, r"optimizer.gamma=1.5 is not allowed"),
+    ],
+)
+def test_bad_step_schedule_settings_are_rejected(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        SGDConfig(**kwargs)
+
+
+def test_a_scalar_milestone_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match=r"optimizer.milestones=0.5"):
+        SGDConfig(schedule="step", milestones=0.5)

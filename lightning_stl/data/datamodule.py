@@ -8,6 +8,13 @@ single-data-set training. Each sub-batch stream is a sequence of random permutat
 so a set smaller than its sub-batch appears ⌊B/N⌋ or ⌈B/N⌉ times in each sub-batch.
 
 Validation and test use the target's held-out validation split and its official test split.
+
+The fine-grained targets of SMILE are :class:`~lightning_stl.data.FileImageSet` s: their loaders
+decode and transform each image in the DataLoader's workers (SMILE, Section 4.0.2), so their
+batches arrive normalised and :meth:`SourceTargetDataModule.preprocess` leaves them alone. A
+sampling protocol (:mod:`lightning_stl.data.protocols`) chooses the classes and training images;
+SMILE holds nothing out (``val_size=0``) and picks hyper-parameters by k-fold cross-validation
+on the drawn training set (``cv_folds``, ``cv_fold``).
 """
 
 from __future__ import annotations
@@ -26,11 +33,20 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_stl.data.augment import BatchAugment, Normalize
+from lightning_stl.data.file_image_set import FileImageDataset, FileImageSet, smile_transform
 from lightning_stl.data.image_set import ImageSet
+from lightning_stl.data.protocols import (
+    SamplingProtocol,
+    cv_fold_split,
+    parse_protocol,
+    stratified_subset,
+)
 from lightning_stl.data.registry import get_dataset
 from lightning_stl.schedule import SOURCE, TARGET
 
 EPOCH_BASES = (SOURCE, TARGET)
+
+AnySet = ImageSet | FileImageSet
 
 
 class InMemoryDataset(Dataset):
@@ -55,19 +71,6 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of ``size`` of ``labels``, stratified by class when every class can appear."""
-    n = len(labels)
-    if size >= n:
-        return np.arange(n)
-    num_classes = len(np.unique(labels))
-    stratify = labels if num_classes <= size <= n - num_classes else None
-    chosen, _ = train_test_split(
-        np.arange(n), train_size=size, stratify=stratify, random_state=seed
-    )
-    return np.sort(chosen)
-
-
 class SourceTargetDataModule(L.LightningDataModule):
     """Target (training subset of size N, validation, test) and source (training) data.
 
@@ -78,14 +81,28 @@ class SourceTargetDataModule(L.LightningDataModule):
         download: Download absent data in ``prepare_data``.
         target_size: N, the size of the target training subset; ``None`` for the whole pool.
         val_size: Images of the target's official training split held out for validation;
-            ``None`` takes the data set's own (the paper's) size.
+            ``None`` takes the data set's own (the paper's) size; 0 holds nothing out (no
+            validation unless ``cv_folds``; the caller then sets ``limit_val_batches=0``).
         target_batch_size, source_batch_size: Sub-batch sizes (128 each in the paper).
         eval_batch_size: Batch size for validation and test.
         split_seed: Seed of the fixed target train/validation (and, for digits, test) split.
         subset_seed: Seed of the draw of the N training images.
         target_options, source_options: Keyword options of the data sets' loaders.
         target_augment, source_augment: Batch augmentation; ``None`` takes the data set's default.
-        num_workers: DataLoader workers (0 is fastest for in-memory data).
+        num_workers: DataLoader workers (0 is fastest for in-memory data; file-based sets
+            decode images in them, so give those your CPU count).
+        protocol: SMILE sampling protocol of the target's training images, e.g.
+            ``"C:25%/N:400"``, ``"C:All/N:15%"`` or ``"30%"`` (see
+            :func:`~lightning_stl.data.protocols.parse_protocol`); drawn with ``subset_seed``.
+            A class subset restricts every split and relabels it 0..K'-1. Replaces
+            ``target_size``.
+        cv_folds: Split the drawn training set into this many stratified folds (seeded by
+            ``split_seed``) and validate on fold ``cv_fold``, training on the others (SMILE's
+            "three-fold cross validation on the original training set"). Replaces the
+            held-out validation split, so ``val_size`` must then be 0 or ``None``.
+        cv_fold: The validation fold, in ``[0, cv_folds)``.
+        resize_size, crop_size: Sizes of the per-image transform of file-based sets (SMILE,
+            Section 4.0.2: resize to 256 x 256, crop 224).
     """
 
     def __init__(
@@ -106,6 +123,11 @@ class SourceTargetDataModule(L.LightningDataModule):
         target_augment: BatchAugment | dict[str, Any] | None = None,
         source_augment: BatchAugment | dict[str, Any] | None = None,
         num_workers: int = 0,
+        protocol: str | SamplingProtocol | None = None,
+        cv_folds: int | None = None,
+        cv_fold: int | None = 0,
+        resize_size: int = 256,
+        crop_size: int = 224,
     ):
         super().__init__()
         self.target_spec = get_dataset(target)
@@ -123,9 +145,26 @@ class SourceTargetDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.download = bool(download)
         self.target_size = target_size
-        if val_size is not None and (not isinstance(val_size, int) or val_size < 1):
-            raise ValueError(f"data.val_size={val_size} is not allowed: it must be an integer >= 1")
-        self.val_size = val_size if val_size is not None else self.target_spec.val_size
+        if val_size is not None and (
+            isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0
+        ):
+            raise ValueError(f"data.val_size={val_size} is not allowed: it must be an integer >= 0")
+        self.protocol = parse_protocol(protocol)
+        if self.protocol is not None and target_size is not None:
+            raise ValueError(
+                f"data.protocol={self.protocol.name!r} and data.target_size={target_size} both "
+                f"choose the training images; set one of them to null"
+            )
+        self.cv_folds, self.cv_fold = _check_cv(cv_folds, cv_fold)
+        if self.cv_folds is not None and val_size:
+            raise ValueError(
+                f"data.val_size={val_size} and data.cv_folds={self.cv_folds} both choose the "
+                f"validation images; set data.val_size=0 (or null) to validate on a fold"
+            )
+        if self.cv_folds is not None:
+            self.val_size = 0
+        else:
+            self.val_size = val_size if val_size is not None else self.target_spec.val_size
         self._check_target_size(self.target_spec.train_size)
         self.batch_size = {TARGET: target_batch_size, SOURCE: source_batch_size}
         self.eval_batch_size = eval_batch_size
@@ -138,11 +177,17 @@ class SourceTargetDataModule(L.LightningDataModule):
             ),
         }
         self.num_workers = int(num_workers)
+        self.transforms = {
+            train: smile_transform(train, resize_size, crop_size) for train in (True, False)
+        }
+        self.resize_size, self.crop_size = resize_size, crop_size
         self.train_domains: tuple[str, ...] = (TARGET, SOURCE) if source is not None else (TARGET,)
         self.epoch_basis = SOURCE if source is not None else TARGET
-        self.train_sets: dict[str, ImageSet] = {}
-        self.val_set: ImageSet | None = None
-        self.test_set: ImageSet | None = None
+        self.train_sets: dict[str, AnySet] = {}
+        self.val_set: AnySet | None = None
+        self.test_set: AnySet | None = None
+        self.target_class_ids: np.ndarray | None = None
+        """The original ids of the classes a protocol kept (``None``: all), after setup."""
         self.normalize: dict[str, Normalize] = {}
 
     # ------------------------------------------------------------------ configuration
@@ -188,40 +233,80 @@ class SourceTargetDataModule(L.LightningDataModule):
                 self.source_spec.load(self.root, download=True, **self.options[SOURCE])
 
     def setup(self, stage: str | None = None) -> None:
+        """Load the sets; hold out validation; draw the training images; split the CV fold.
+
+        In order: the held-out validation split (``val_size`` images, stratified, seeded by
+        ``split_seed``) of the official training split; the draw of the training images from
+        the rest (``protocol`` or ``target_size``, seeded by ``subset_seed``), a protocol's
+        class subset applied to every split; and the cross-validation fold (``cv_folds``).
+        """
         if self.test_set is not None:
             return
         target = self.target_spec.load(self.root, download=False, **self.options[TARGET])
-        train, self.test_set = target["train"], target["test"]
+        train, test = target["train"], target["test"]
         labels = train.labels.numpy()
-        val_size = self.val_size
-        if val_size >= len(train):
-            raise ValueError(
-                f"{self.target_name} has {len(train)} training images, too few to hold out "
-                f"{val_size} for validation"
+        val_set: AnySet | None = None
+        pool_idx = np.arange(len(train))
+        if self.val_size > 0:
+            if self.val_size >= len(train):
+                raise ValueError(
+                    f"{self.target_name} has {len(train)} training images, too few to hold out "
+                    f"{self.val_size} for validation"
+                )
+            pool_idx, val_idx = train_test_split(
+                pool_idx, test_size=self.val_size, stratify=labels, random_state=self.split_seed
             )
-        pool_idx, val_idx = train_test_split(
-            np.arange(len(train)), test_size=val_size, stratify=labels, random_state=self.split_seed
-        )
-        pool_idx, val_idx = np.sort(pool_idx), np.sort(val_idx)
-        self.val_set = train.subset(val_idx)
+            pool_idx = np.sort(pool_idx)
+            val_set = train.subset(np.sort(val_idx))
         self._check_target_size(len(train))
-        if self.target_size is not None:
+        if self.protocol is not None:
+            draw = self.protocol.draw(
+                labels[pool_idx],
+                train.num_classes,
+                self.subset_seed,
+                name=f"the {len(pool_idx):,} training images of {self.target_name}",
+            )
+            pool_idx = pool_idx[draw.indices]
+            self.target_class_ids = draw.class_ids
+        elif self.target_size is not None:
             pool_idx = pool_idx[
                 stratified_subset(labels[pool_idx], self.target_size, self.subset_seed)
             ]
-        self.train_sets[TARGET] = train.subset(pool_idx)
+        train_set = train.subset(pool_idx)
+        if self.target_class_ids is not None:
+            ids = self.target_class_ids
+            train_set, test = train_set.select_classes(ids), test.select_classes(ids)
+            val_set = val_set.select_classes(ids) if val_set is not None else None
+        if self.cv_folds is not None:
+            fit_idx, fold_idx = cv_fold_split(
+                train_set.labels.numpy(), self.cv_folds, self.cv_fold, self.split_seed
+            )
+            train_set, val_set = train_set.subset(fit_idx), train_set.subset(fold_idx)
+        self.train_sets[TARGET], self.val_set, self.test_set = train_set, val_set, test
         if self.source_spec is not None:
             self.train_sets[SOURCE] = self.source_spec.load(
                 self.root, download=False, **self.options[SOURCE]
             )["train"]
         for domain, data in self.train_sets.items():
-            mean, std = data.channel_stats()
-            self.normalize[domain] = Normalize(mean, std, data.max_value)
+            if isinstance(data, ImageSet):
+                mean, std = data.channel_stats()
+                self.normalize[domain] = Normalize(mean, std, data.max_value)
 
     # ------------------------------------------------------------------ properties
     @property
     def num_target_classes(self) -> int:
+        """K' of the target: the loaded (and protocol-restricted) class count after setup, the
+        registry's count (times a protocol's class fraction) before it."""
+        if self.test_set is not None:
+            return self.test_set.num_classes
+        if self.protocol is not None:
+            return self.protocol.num_classes(self.target_spec.num_classes)
         return self.target_spec.num_classes
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether there is a validation split (held out, or a cross-validation fold)."""
+        return self.cv_folds is not None or self.val_size > 0
 
     @property
     def num_source_classes(self) -> int:
@@ -251,6 +336,13 @@ class SourceTargetDataModule(L.LightningDataModule):
             "test_size": len(self.test_set) if self.test_set is not None else 0,
             "split_seed": self.split_seed,
             "subset_seed": self.subset_seed,
+            "num_classes": self.num_target_classes,
+            "protocol": self.protocol.name if self.protocol is not None else None,
+            "target_class_ids": (
+                self.target_class_ids.tolist() if self.target_class_ids is not None else None
+            ),
+            "cv_folds": self.cv_folds,
+            "cv_fold": self.cv_fold if self.cv_folds is not None else None,
         }
 
     # ------------------------------------------------------------------ loaders
@@ -266,7 +358,8 @@ class SourceTargetDataModule(L.LightningDataModule):
         base_seed = int(torch.randint(0, 2**62, ()))  # from the seeded global RNG
         loaders = {}
         for index, domain in enumerate(self.train_domains):
-            dataset = InMemoryDataset(self.train_sets[domain])
+            data = self.train_sets[domain]
+            dataset = self._dataset(data, train=True)
             batch = self.batch_size[domain]
             generator = None
             if world > 1:
@@ -279,24 +372,48 @@ class SourceTargetDataModule(L.LightningDataModule):
                 batch_size=batch,
                 sampler=sampler,
                 drop_last=True,
-                collate_fn=keep_batch,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
+                **self._loader_options(data, train=True),
             )
         return CombinedLoader(loaders, mode="min_size")
 
-    def _eval_loader(self, data: ImageSet | None) -> DataLoader:
+    def _dataset(self, data: AnySet, train: bool) -> Dataset:
+        if isinstance(data, FileImageSet):
+            return FileImageDataset(data, self.transforms[train])
+        return InMemoryDataset(data)
+
+    def _loader_options(self, data: AnySet, train: bool) -> dict[str, Any]:
+        """Collation and workers: batched gathers for in-memory sets (persistent workers for
+        training only), per-image decoding in persistent workers, into pinned memory on CUDA,
+        for file-based sets."""
+        if isinstance(data, FileImageSet):
+            return {
+                "num_workers": self.num_workers,
+                "persistent_workers": self.num_workers > 0,
+                "pin_memory": torch.cuda.is_available(),
+            }
+        return {
+            "collate_fn": keep_batch,
+            "num_workers": self.num_workers,
+            "persistent_workers": train and self.num_workers > 0,
+        }
+
+    def _eval_loader(self, data: AnySet | None) -> DataLoader:
         if data is None:
             raise RuntimeError("call setup() before asking for evaluation data")
         return DataLoader(
-            InMemoryDataset(data),
+            self._dataset(data, train=False),
             batch_size=self.eval_batch_size,
             shuffle=False,
-            collate_fn=keep_batch,
-            num_workers=self.num_workers,
+            **self._loader_options(data, train=False),
         )
 
     def val_dataloader(self) -> DataLoader:
+        if not self.has_validation:
+            raise RuntimeError(
+                f"{self.target_name} has no validation split (data.val_size=0 and data.cv_folds "
+                f"is null): train with limit_val_batches=0, or set data.cv_folds (or "
+                f"data.val_size > 0) to validate"
+            )
         return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
@@ -304,7 +421,13 @@ class SourceTargetDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ on-device preprocessing
     def preprocess(self, domain: str, images: Tensor, train: bool) -> Tensor:
-        """uint8 → [0, 1] → (augmentation when ``train``) → standardised, on the batch's device."""
+        """uint8 → [0, 1] → (augmentation when ``train``) → standardised, on the batch's device.
+
+        Batches of file-based sets were transformed and normalised in the loader's workers
+        (:func:`~lightning_stl.data.file_image_set.smile_transform`) and are returned as they are.
+        """
+        if isinstance(self.train_sets.get(domain), FileImageSet):
+            return images
         normalize = self.normalize[domain]
         x = normalize.scale(images)
         if train and not self.augment[domain].is_identity:
@@ -320,6 +443,40 @@ class SourceTargetDataModule(L.LightningDataModule):
             }
         x, y = batch
         return self.preprocess(TARGET, x, train=False), y
+
+
+def _check_cv(cv_folds: Any, cv_fold: Any) -> tuple[int | None, int]:
+    """``(cv_folds, cv_fold)`` after checking them; errors name the value and what is allowed.
+
+    ``cv_fold=None`` means "every fold" to :func:`lightning_stl.run.train`, which builds one
+    DataModule per fold; a DataModule itself is one fold.
+    """
+    if cv_fold is None and cv_folds is None:
+        return None, 0
+    if cv_fold is None:
+        raise ValueError(
+            f"data.cv_fold=null with data.cv_folds={cv_folds}: a DataModule holds one fold; "
+            "choose cv_fold in 0..cv_folds-1 (lightning_stl.run trains every fold for null)"
+        )
+    if isinstance(cv_fold, bool) or not isinstance(cv_fold, int | np.integer):
+        raise ValueError(f"data.cv_fold={cv_fold} is not allowed: it must be an integer or null")
+    if cv_folds is None:
+        if cv_fold != 0:
+            raise ValueError(
+                f"data.cv_fold={cv_fold} is not allowed without data.cv_folds: set data.cv_folds "
+                f"(e.g. 3) to cross-validate, or leave cv_fold at 0"
+            )
+        return None, 0
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int | np.integer) or cv_folds < 2:
+        raise ValueError(
+            f"data.cv_folds={cv_folds} is not allowed: it must be null or an integer >= 2"
+        )
+    if not 0 <= cv_fold < cv_folds:
+        raise ValueError(
+            f"data.cv_fold={cv_fold} is not allowed: with data.cv_folds={cv_folds} it must lie "
+            f"in [0, {cv_folds}), i.e. 0 to {cv_folds - 1}"
+        )
+    return int(cv_folds), int(cv_fold)
 
 
 def _as_augment(value: BatchAugment | dict[str, Any] | None, default: BatchAugment) -> BatchAugment:

@@ -8,11 +8,14 @@ batches on the training device (see :mod:`lightning_stl.data.augment`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_stl.data.protocols import class_selection
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,17 @@ class ImageSet:
             self.images[index].contiguous(),
             self.labels[index].contiguous(),
             self.num_classes,
+            self.max_value,
+        )
+
+    def select_classes(self, class_ids: Sequence[int] | np.ndarray) -> ImageSet:
+        """Only the images of ``class_ids`` (a copy), relabelled by position in it (0..len-1)."""
+        indices, labels = class_selection(self.labels.numpy(), class_ids)
+        index = torch.from_numpy(indices)
+        return ImageSet(
+            self.images[index].contiguous(),
+            torch.from_numpy(labels),
+            len(class_ids),
             self.max_value,
         )
 

@@ -2,7 +2,9 @@
 
 A target set's official training split is divided into a training pool and a validation set of
 ``val_size`` images with a fixed seed (Smooth Transfer Learning, Appendix A.1–A.2: CIFAR-10 45,000
-/ 5,000; SVHN 65,931 / 7,326). A source set is used whole.
+/ 5,000; SVHN 65,931 / 7,326). A source set is used whole. The fine-grained targets of SMILE
+(:mod:`lightning_stl.data.fine_grained`) hold nothing out (``val_size=0``): SMILE trains on all
+the drawn images and reports the final model, choosing hyper-parameters by cross-validation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 import torch
 
 from lightning_stl.data.augment import BatchAugment
+from lightning_stl.data.file_image_set import FileImageSet
 from lightning_stl.data.image_set import ImageSet
+
+Splits = dict[str, ImageSet | FileImageSet]
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,8 @@ class DatasetSpec:
     """How to load one data set and how to treat it as a target."""
 
     loader: str
-    """``"module:function"`` with signature ``(root, download, **options) -> {"train", "test"}``."""
+    """``"module:function"`` with signature ``(root, download, **options) -> {"train", "test"}``
+    (each an in-memory :class:`ImageSet` or a file-based :class:`FileImageSet`)."""
     num_classes: int
     val_size: int
     """Images of the official training split held out for validation when used as a target."""
@@ -38,10 +44,10 @@ class DatasetSpec:
     files: str = ""
     """What is on disk, for documentation."""
     cache: bool = False
-    """Keep the decoded tensors under ``<root>/.tensor_cache`` so that later runs memory-map them
+    """(In-memory sets only.) Keep the decoded tensors under ``<root>/.tensor_cache`` so that later runs memory-map them
     instead of decoding the original files again (CIFAR pickles, SVHN .mat, resized MNIST)."""
 
-    def load(self, root: str | Path, download: bool, **options: Any) -> dict[str, ImageSet]:
+    def load(self, root: str | Path, download: bool, **options: Any) -> Splits:
         """The official splits; from the tensor cache when there is one."""
         cache_file = self._cache_file(root, options) if self.cache else None
         if cache_file is not None and cache_file.exists():
@@ -50,9 +56,7 @@ class DatasetSpec:
             except Exception:  # a damaged cache is made again
                 cache_file.unlink(missing_ok=True)
         module, function = self.loader.split(":")
-        load: Callable[..., dict[str, ImageSet]] = getattr(
-            importlib.import_module(module), function
-        )
+        load: Callable[..., Splits] = getattr(importlib.import_module(module), function)
         splits = load(root, download=download, **options)
         if cache_file is not None:
             try:
@@ -143,6 +147,45 @@ DATASETS: dict[str, DatasetSpec] = {
         augment=BatchAugment(crop_padding=4, horizontal_flip=True),
         files="<root>/cifar-100-python",
         cache=True,
+    ),
+    # The fine-grained targets of SMILE (Section 4.0.1), read from files per batch.
+    "cub200": DatasetSpec(
+        "lightning_stl.data.fine_grained:load_cub200",
+        num_classes=200,
+        val_size=0,
+        train_size=5994,
+        files="<root>/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, "
+        "classes.txt, images/}",
+    ),
+    "stanford_cars": DatasetSpec(
+        "lightning_stl.data.fine_grained:load_stanford_cars",
+        num_classes=196,
+        val_size=0,
+        train_size=8144,
+        files="<root>/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+        "cars_test_annos_withlabels.mat, cars_train/, cars_test/}",
+    ),
+    "fgvc_aircraft": DatasetSpec(
+        "lightning_stl.data.fine_grained:load_fgvc_aircraft",
+        num_classes=100,
+        val_size=0,
+        train_size=6667,
+        files="<root>/fgvc-aircraft-2013b/data/{variants.txt, images_variant_trainval.txt, "
+        "images_variant_test.txt, images/}",
+    ),
+    "mit_indoor67": DatasetSpec(
+        "lightning_stl.data.fine_grained:load_mit_indoor67",
+        num_classes=67,
+        val_size=0,
+        train_size=5360,
+        files="<root>/mit_indoor67/{TrainImages.txt, TestImages.txt, Images/<class>/}",
+    ),
+    "food101": DatasetSpec(
+        "lightning_stl.data.fine_grained:load_food101",
+        num_classes=101,
+        val_size=0,
+        train_size=75750,
+        files="<root>/food-101/{meta/train.json, meta/test.json, images/<class>/}",
     ),
 }
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_stl.methods.evaluation import TargetEvaluation
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_target import SourceTargetClassifier
 from lightning_stl.optim import SGDConfig
@@ -53,7 +52,7 @@ def smooth_transfer_loss(
     return loss, parts
 
 
-class SmoothTransfer(L.LightningModule):
+class SmoothTransfer(TargetEvaluation):
     """A backbone with target and source heads trained on Eq. 3; validated and tested on the target.
 
     Args:
@@ -80,7 +79,7 @@ class SmoothTransfer(L.LightningModule):
         batchnorm: str = "shared",
         optimizer: dict[str, Any] | None = None,
     ):
-        super().__init__()
+        super().__init__(num_target_classes)
         self.save_hyperparameters()
         self.optimizer_config = SGDConfig(**(optimizer or {}))
         self.model = SourceTargetClassifier(
@@ -90,8 +89,6 @@ class SmoothTransfer(L.LightningModule):
             batchnorm,
         )
         self.target_weight: float | None = None
-        self.val_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         """Target logits ``[B, K_T]`` for target images ``[B, C, H, W]``."""
@@ -121,20 +118,6 @@ class SmoothTransfer(L.LightningModule):
             for domain, value in parts.items():
                 self.log(f"train/loss_{domain}", value, on_step=True, on_epoch=False)
         return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_accuracy.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
-        self.log("val/acc", self.val_accuracy, on_epoch=True, prog_bar=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.test_accuracy.update(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
-        self.log("test/acc", self.test_accuracy, on_epoch=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.optimizer_config.build(self.model, int(self.trainer.estimated_stepping_batches))

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "PretrainedFileError",
+    "check_state_fits",
     "check_unused_kwargs",
     "create_backbone",
     "list_backbones",
@@ -114,7 +115,9 @@ class PretrainedFileError(RuntimeError):
             ]
             parts.append(f"shape mismatch: {_show(shapes)}")
         text = f"pretrained file '{path}' does not fit backbone '{model_name}': " + "; ".join(parts)
-        if any(len(a) == 4 and a[0] == b[0] and a[1] != b[1] for a, b in mismatched.values()):
+        if any(
+            len(a) == len(b) == 4 and a[0] == b[0] and a[1] != b[1] for a, b in mismatched.values()
+        ):
             text += " (a conv weight differs in input channels: was the file saved with another in_chans?)"
         super().__init__(text)
         self.path = path
@@ -160,6 +163,24 @@ def _check_name(name: str) -> None:
     raise ValueError(text)
 
 
+def check_state_fits(model: nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
+    """Raise :class:`PretrainedFileError` naming the missing, unexpected and wrongly shaped keys
+    unless ``state`` has exactly the keys and shapes of ``model.state_dict()``."""
+    target = model.state_dict()
+    missing = sorted(k for k in target if k not in state)
+    unexpected = sorted(k for k in state if k not in target)
+    mismatched = {
+        k: (tuple(v.shape), tuple(target[k].shape))
+        for k, v in state.items()
+        if k in target and isinstance(v, Tensor) and v.shape != target[k].shape
+    }
+    if missing or unexpected or mismatched:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get(
+            "architecture", type(model).__name__
+        )
+        raise PretrainedFileError(Path(path), name, missing, unexpected, mismatched)
+
+
 def load_pretrained_file(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a local state-dict file into ``model`` (in place, no network) with a strict key check.
 
@@ -183,18 +204,7 @@ def load_pretrained_file(model: nn.Module, path: str | Path) -> nn.Module:
         for key in [k for k in state if k.startswith(head + ".") and k not in target]:
             del state[key]
 
-    missing = sorted(k for k in target if k not in state)
-    unexpected = sorted(k for k in state if k not in target)
-    mismatched = {
-        k: (tuple(v.shape), tuple(target[k].shape))
-        for k, v in state.items()
-        if k in target and isinstance(v, Tensor) and v.shape != target[k].shape
-    }
-    if missing or unexpected or mismatched:
-        name = (getattr(model, "pretrained_cfg", None) or {}).get(
-            "architecture", type(model).__name__
-        )
-        raise PretrainedFileError(path, name, missing, unexpected, mismatched)
+    check_state_fits(model, state, path)
     model.load_state_dict(state, strict=True)
     _logger.info("loaded pretrained weights from %s", path)
     return model

@@ -1,0 +1,246 @@
+"""Rebuild SMILE's comparison tables (Table 2/3 layout, Table 5 ablations) on a target.
+
+Every method of the profile (L², Mixup, SMILE and its two ablations by default) is trained on
+every setting (a target size N, or one of the paper's sampling protocols) with several seeds and
+tested; the table gives the test accuracy as mean ± std over seeds. Writes under
+``experiments/results/<experiment>/smile_<profile>/``:
+
+- ``table.md`` / ``table.csv``: methods as rows, settings as columns (the paper's Table 2 layout),
+  the best mean per column in bold;
+- ``bars.png``: the same numbers as a bar chart with ±std error bars;
+- ``runs.csv``: every finished run the table is made from.
+
+Resumable: a finished run (its ``metrics.json``) is never run again, and the source pre-training
+(``pretraining.on_source``) is cached, so a killed reproduction started again picks up where it
+stopped. ``make reproduce-smile EXPERIMENT=digits PROFILE=quick`` calls this.
+
+    python experiments/reproduce_smile.py --experiment digits --profile quick --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+from reproduce_table1 import train_cell  # one way to run a cell, shared with Table 1
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = {
+    "finetune_l2": "L²",
+    "mixup": "Mixup",
+    "smile": "SMILE",
+    "smile_official": "SMILE (official code)",
+    "smile_no_fc": "SMILE w/o L^FC",
+    "smile_no_fe": "SMILE w/o L^FE",
+}
+
+
+def load_profile(experiment: str, profile: str) -> dict[str, Any]:
+    """The settings of ``experiment``/``profile`` in ``experiments/smile_profiles.yaml``."""
+    profiles = yaml.safe_load((ROOT / "experiments" / "smile_profiles.yaml").read_text())
+    if experiment not in profiles:
+        raise SystemExit(f"unknown EXPERIMENT={experiment!r}; choose one of {', '.join(profiles)}")
+    if profile not in profiles[experiment]:
+        raise SystemExit(
+            f"unknown PROFILE={profile!r} for {experiment}; "
+            f"choose one of {', '.join(profiles[experiment])}"
+        )
+    return profiles[experiment][profile]
+
+
+def summarize(
+    rows: list[dict[str, Any]], methods: list[str], settings: list[str]
+) -> tuple[str, list[list[str]], dict[tuple[str, str], tuple[float, float, int]]]:
+    """Markdown and CSV of the table (methods × settings, mean ± std), and the statistics."""
+    stats: dict[tuple[str, str], tuple[float, float, int]] = {}
+    for method in methods:
+        for setting in settings:
+            accs = [
+                100 * r["test_acc"]
+                for r in rows
+                if r["method"] == method and r["setting"] == setting and r["test_acc"] is not None
+            ]
+            if accs:
+                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                stats[method, setting] = (statistics.mean(accs), std, len(accs))
+    best = {
+        s: max((v[0] for (m, s2), v in stats.items() if s2 == s), default=None) for s in settings
+    }
+    header = ["Method", *settings]
+    lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * len(settings)]
+    table = [header]
+    for method in methods:
+        cells, csv_cells = [LABELS.get(method, method)], [method]
+        for setting in settings:
+            if (method, setting) not in stats:
+                cells.append("…")
+                csv_cells.append("")
+                continue
+            mean, std, _ = stats[method, setting]
+            text = f"{mean:.2f} ± {std:.2f}"
+            cells.append(f"**{text}**" if mean == best[setting] else text)
+            csv_cells.append(f"{mean:.2f}±{std:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+        table.append(csv_cells)
+    return "\n".join(lines) + "\n", table, stats
+
+
+def draw_bars(
+    stats: dict[tuple[str, str], tuple[float, float, int]],
+    methods: list[str],
+    settings: list[str],
+    path: Path,
+    title: str,
+) -> None:
+    """Grouped bars: one group per setting, one bar per method, ±std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(settings), 3.6), dpi=130)
+    colors = plt.cm.tab10(range(len(methods)))
+    lows = [v[0] - v[1] for v in stats.values()]
+    for i, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for j, setting in enumerate(settings):
+            if (method, setting) in stats:
+                mean, std, _ = stats[method, setting]
+                xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                means.append(mean)
+                stds.append(std)
+        ax.bar(
+            xs,
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            color=colors[i],
+            label=LABELS.get(method, method),
+        )
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_ylabel("test accuracy (%)")
+    if lows:
+        ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], methods: list[str], settings: list[str], out: Path, args, seeds
+) -> None:
+    markdown, table, stats = summarize(rows, methods, settings)
+    command = f"make reproduce-smile EXPERIMENT={args.experiment} PROFILE={args.profile}"
+    (out / "table.md").write_text(
+        f"Test accuracy (%) on the target, mean ± std over seeds {seeds}.\n"
+        f"Made by `{command}`.\n\n" + markdown
+    )
+    with (out / "table.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(table)
+    if rows:
+        with (out / "runs.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**r, "run_dir": os.path.relpath(r["run_dir"], ROOT)} for r in rows)
+    if stats:
+        draw_bars(stats, methods, settings, out / "bars.png", f"{args.experiment} ({args.profile})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experiment", default="digits")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per GPU)")
+    parser.add_argument("--work", type=Path, default=None, help="default outputs/smile/...")
+    parser.add_argument("--data", default=os.environ.get("LIGHTNING_STL_DATA", str(ROOT / "data")))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    profile = load_profile(args.experiment, args.profile)
+    out = args.out or ROOT / "experiments" / "results" / args.experiment / f"smile_{args.profile}"
+    work = (args.work or ROOT / "outputs" / "smile" / args.experiment / args.profile).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    base = [
+        f"+experiment={profile['experiment']}",
+        *profile.get("overrides", []),
+        f"pretraining.cache_dir={work / 'pretrained'}",
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+    ]
+    if args.jobs > 1:
+        base.append("torch_threads=1")  # parallel runs on a CPU share its cores
+    methods = list(profile["methods"])
+    settings = {str(k): list(v) for k, v in profile["settings"].items()}
+    seeds = [int(s) for s in profile["seeds"]]
+    started = time.time()
+
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        # One worker pre-trains the source model (cached) before the others start, so that they
+        # do not queue on its lock. Nothing trains in this process: a fork after torch has
+        # started its OpenMP threads can hang the workers.
+        first_setting, first = next(iter(settings.items()))
+        pool.submit(
+            train_cell,
+            [*base, *first, f"method={methods[0]}", f"seed={seeds[0]}"],
+            str(work / methods[0] / _slug(first_setting) / f"seed{seeds[0]}"),
+            args.data,
+        ).result()
+        for setting, overrides in settings.items():
+            for method in methods:
+                jobs = []
+                for seed in seeds:
+                    run_dir = work / method / _slug(setting) / f"seed{seed}"
+                    cell = [*base, *overrides, f"method={method}", f"seed={seed}"]
+                    jobs.append(
+                        (seed, run_dir, pool.submit(train_cell, cell, str(run_dir), args.data))
+                    )
+                for seed, run_dir, job in jobs:
+                    metrics = job.result()
+                    rows.append(
+                        {
+                            "method": method,
+                            "setting": setting,
+                            "seed": seed,
+                            "target_size": metrics.get("target_size"),
+                            "test_acc": metrics["test_acc"],
+                            "best_val_acc": metrics["best_val_acc"],
+                            "best_step": metrics["best_step"],
+                            "total_steps": metrics["total_steps"],
+                            "wall_time_s": metrics["wall_time_s"],
+                            "run_dir": str(run_dir),
+                        }
+                    )
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {LABELS.get(method, method)} {setting}: "
+                    + ", ".join(
+                        f"{100 * r['test_acc']:.1f}" if r["test_acc"] is not None else "diverged"
+                        for r in rows[-len(seeds) :]
+                    ),
+                    flush=True,
+                )
+                write_outputs(rows, methods, list(settings), out, args, seeds)
+    write_outputs(rows, methods, list(settings), out, args, seeds)
+    print(f"done in {(time.time() - started) / 60:.1f} min -> {out}")
+    print((out / "table.md").read_text())
+
+
+def _slug(setting: str) -> str:
+    """A folder name for a setting such as ``C:25%/N:400``."""
+    return "".join(c if c.isalnum() else "_" for c in setting).strip("_")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Validation and test on the target, shared by every method's LightningModule."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class TargetEvaluation(L.LightningModule):
+    """Logs ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` of ``self(x)`` (target logits
+    ``[B, K_T]``) on the target's validation and test batches ``(x, y)``."""
+
+    def __init__(self, num_target_classes: int):
+        super().__init__()
+        self.val_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
+        self.log("val/acc", self.val_accuracy, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_accuracy.update(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
+        self.log("test/acc", self.test_accuracy, on_epoch=True)

@@ -1,0 +1,110 @@
+"""SMILE's two sample-to-feature mixup regularisers (Li, Xiong, Dou et al., Section 3.2).
+
+Both compare the student's output on the mixed batch B_m = mix(B) with the same mix of a mean
+teacher's outputs on the clean batch B (see :class:`~lightning_stl.regularizers.mixup.MixupPairs`
+for the mix, which uses one λ and one shuffle π for everything):
+
+* :class:`FeatureMixupLoss` is L^FE (Eq. 4), on the features g of the backbone;
+* :class:`LabelMixupLoss` is L^FC (Eq. 5), on the source-class outputs z of an auxiliary head
+  initialised from the pre-trained classifier.
+
+Each has the paper's form (the default) and the form of the authors' code (``form="official"``):
+
+==========  ============================================  ============================================
+term        paper (default)                               official code
+==========  ============================================  ============================================
+L^FE        ‖g(B_m) − mix(g_T(B))‖²₂ on pooled features   ‖G(B_m) − mix(G_T(B))‖²_F / (h·w) on the
+            ``[B, F]``, mean over the batch                pre-pooling map ``G`` ``[B, C, h, w]``
+L^FC        ‖p'(B_m) − mix(p_T(B))‖²₂ on softmax outputs   −Σ_k mix(p_T(B))_k · log p'(B_m)_k (soft
+            (Eq. 5: "softmax outputs in 1,000 dims")       cross-entropy), mean over the batch
+==========  ============================================  ============================================
+
+The teacher's outputs never carry gradients (they are computed under ``torch.no_grad``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_stl.regularizers.mixup import MixupPairs
+
+FORMS = ("paper", "official")
+
+
+def _check_form(form: str, owner: str) -> str:
+    if form not in FORMS:
+        raise ValueError(f"{owner} form={form!r} is not allowed: choose one of {', '.join(FORMS)}")
+    return form
+
+
+class FeatureMixupLoss(nn.Module):
+    """L^FE, Eq. 4 of SMILE: sample-to-feature mixup against the teacher's mixed features.
+
+    ``forward(student, teacher, pairs)``:
+
+    * ``form="paper"``: ``student`` = g(B_m) and ``teacher`` = g_T(B), both ``[B, F]`` (pooled);
+      returns mean_i ‖student_i − mix(teacher)_i‖²₂.
+    * ``form="official"``: both ``[B, C, h, w]`` (before pooling); returns
+      mean_i ‖student_i − mix(teacher)_i‖²_F / (h·w).
+    """
+
+    def __init__(self, form: str = "paper"):
+        super().__init__()
+        self.form = _check_form(form, "feature mixup (L_FE)")
+
+    @property
+    def uses_feature_map(self) -> bool:
+        """Whether the loss wants the pre-pooling feature map instead of pooled features."""
+        return self.form == "official"
+
+    def forward(self, student: Tensor, teacher: Tensor, pairs: MixupPairs) -> Tensor:
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student and teacher features differ in shape: {tuple(student.shape)} vs "
+                f"{tuple(teacher.shape)}"
+            )
+        expected = pairs.mix(teacher.detach())
+        squared = (student - expected).pow(2).flatten(1).sum(dim=1)
+        if self.form == "official":
+            if student.ndim != 4:
+                raise ValueError(
+                    f"the official L_FE needs a feature map [B, C, h, w], got {tuple(student.shape)}"
+                )
+            squared = squared / (student.shape[2] * student.shape[3])
+        return squared.mean()
+
+
+class LabelMixupLoss(nn.Module):
+    """L^FC, Eq. 5 of SMILE: the auxiliary source-class head against the teacher's mixed outputs.
+
+    ``forward(student_logits, teacher_logits, pairs)`` with ``student_logits`` = z'(B_m) of the
+    auxiliary head and ``teacher_logits`` = z_T(B) of the teacher's source classifier, both
+    ``[B, K_S]``. The paper's form is the squared distance between softmax outputs; the official
+    form is the cross-entropy of the student against the mixed teacher probabilities.
+    """
+
+    def __init__(self, form: str = "paper"):
+        super().__init__()
+        self.form = _check_form(form, "label mixup (L_FC)")
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, pairs: MixupPairs) -> Tensor:
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student and teacher source-class outputs differ in shape: "
+                f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+            )
+        expected = pairs.mix(teacher_logits.detach().softmax(dim=1))
+        if self.form == "official":
+            return -(expected * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
+        return (student_logits.softmax(dim=1) - expected).pow(2).sum(dim=1).mean()
+
+
+def check_loss_weight(name: str, value: float) -> float:
+    """A regulariser weight as a float; a clear error unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a number >= 0")
+    if not torch.isfinite(torch.tensor(float(value))):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be finite")
+    return float(value)

@@ -1,0 +1,172 @@
+"""SMILE end to end: the paper's fine-grained protocol on a small CUB tree from a local weights file,
+the 3-fold cross-validated search, and `make reproduce-smile` with its resumption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from lightning_stl.run import compose_config, train
+from tests.test_fine_grained import build_cub
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cub")
+    build_cub(root, train=[6] * 8, test=[3] * 8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A timm resnet10t state dict with a 1000-way `fc`, as timm's ImageNet files are."""
+    path = tmp_path_factory.mktemp("weights") / "resnet10t_imagenet.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=1000).state_dict(), path)
+    return path
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def cub_overrides(weights: Path, *extra: str) -> list[str]:
+    return [
+        "+experiment=cub200_smile",
+        "backbone.name=resnet10t",
+        f"backbone.weights={weights}",
+        "data.resize_size=40",
+        "data.crop_size=32",
+        "data.num_workers=0",
+        "data.eval_batch_size=16",
+        "data.target_batch_size=8",
+        "steps.finetune=4",
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+        "logger=none",
+        *extra,
+    ]
+
+
+def test_cub_protocol_from_a_local_imagenet_file(
+    cub_root, imagenet_like_weights, tmp_path, monkeypatch
+):
+    _no_network(monkeypatch)
+    cfg = compose_config(
+        cub_overrides(imagenet_like_weights, "data.protocol=C:25%/N:8"), tmp_path / "run", cub_root
+    )
+    metrics = train(cfg)
+    assert metrics["status"] == "ok"
+    assert metrics["num_classes"] == 2  # 25% of 8 classes
+    assert metrics["target_size"] == 8
+    assert metrics["test_size"] == 6  # the chosen classes' test images only
+    assert metrics["best_val_acc"] is None  # no validation: the final model is tested
+    assert metrics["best_step"] == 4 and 0.0 <= metrics["test_acc"] <= 1.0
+    state = torch.load(metrics["stages"][-1]["last_model_path"], weights_only=True)["state_dict"]
+    assert state["source_head.weight"].shape == (1000, 512)  # the ImageNet classifier, auxiliary
+    assert state["head.weight"].shape == (2, 512)
+    assert any(k.startswith("teacher.backbone.") for k in state)
+
+
+def test_places365_file_gives_a_365_way_auxiliary_head(cub_root, tmp_path, monkeypatch):
+    """The official Places365 file: {'arch', 'epoch', 'state_dict': {'module.<key>': ...}}."""
+    _no_network(monkeypatch)
+    model = timm.create_model("resnet10t", num_classes=365)
+    path = tmp_path / "resnet10t_places365.pth.tar"
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 90, "arch": "resnet10t", "state_dict": state}, path)
+    cfg = compose_config(
+        cub_overrides(path, "data.protocol=C:All/N:50%"), tmp_path / "run", cub_root
+    )
+    metrics = train(cfg)
+    last = torch.load(metrics["stages"][-1]["last_model_path"], weights_only=True)["state_dict"]
+    assert last["source_head.weight"].shape == (365, 512)
+    assert metrics["num_classes"] == 8 and metrics["target_size"] == 24
+
+
+def test_weights_of_another_backbone_name_the_keys(cub_root, imagenet_like_weights, tmp_path):
+    cfg = compose_config(
+        cub_overrides(imagenet_like_weights, "backbone.name=resnet18"), tmp_path / "run", cub_root
+    )
+    with pytest.raises(
+        RuntimeError, match="does not fit backbone 'resnet18'.*(missing|unexpected)"
+    ):
+        train(cfg)
+
+
+def test_cross_validation_trains_every_fold_and_averages(cub_root, imagenet_like_weights, tmp_path):
+    cfg = compose_config(
+        cub_overrides(imagenet_like_weights, "data.cv_folds=3", "data.protocol=C:All/N:100%"),
+        tmp_path / "run",
+        cub_root,
+    )
+    summary = train(cfg)
+    folds = [
+        json.loads((tmp_path / "run" / f"fold{i}" / "metrics.json").read_text()) for i in range(3)
+    ]
+    assert [f["cv_fold"] for f in folds] == [0, 1, 2]
+    assert all(f["val_size"] == 16 and f["target_size"] == 32 for f in folds)
+    assert summary["objective"] == pytest.approx(sum(f["best_val_acc"] for f in folds) / 3)
+    assert json.loads((tmp_path / "run" / "cv.json").read_text())["fold_objectives"] == [
+        f["best_val_acc"] for f in folds
+    ]
+
+
+def test_smile_cv_search_config(make_cfg):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["+experiment=digits_smile", "hparams_search=smile_cv"],
+            return_hydra_config=True,
+        )
+    params = cfg.hydra.sweeper.params
+    assert params["method.module.feature_mixup_weight"] == "tag(log, interval(0.01, 0.1))"
+    assert params["method.module.label_mixup_weight"] == "tag(log, interval(0.01, 0.1))"
+    assert cfg.data.cv_folds == 3 and cfg.data.cv_fold is None and cfg.method.name == "smile"
+
+
+def test_reproduce_smile_writes_table_and_chart_and_resumes(tmp_path, data_dir):
+    out = tmp_path / "results"
+    command = [
+        sys.executable,
+        "experiments/reproduce_smile.py",
+        "--experiment=digits",
+        "--profile=smoke",
+        f"--work={tmp_path / 'work'}",
+        f"--out={out}",
+        f"--data={data_dir}",
+    ]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "| Method | N=30 |" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| L²", "| SMILE"))]
+    assert len(rows) == 2 and all(r.count("±") == 1 for r in rows)
+    assert sum(r.count("**") for r in rows) >= 2  # the best cell in bold
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert sorted({r["method"] for r in runs}) == ["finetune_l2", "smile"] and len(runs) == 4
+    assert (out / "bars.png").stat().st_size > 10_000
+    pretrained = list((tmp_path / "work" / "pretrained").glob("*/checkpoints/source/last.ckpt"))
+    assert len(pretrained) == 1  # one source pre-training shared by every run
+    stamps = {p: p.stat().st_mtime for p in tmp_path.rglob("*.ckpt")}
+
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in tmp_path.rglob("*.ckpt")} == stamps  # nothing redone
