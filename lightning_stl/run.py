@@ -173,6 +173,7 @@ def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.Light
             "given: set backbone.weights=<file or checkpoint>, backbone.pretrained=true (timm's "
             "weights, online) or pretraining.on_source=true"
         )
+    module.setup_regularizers(datamodule)
     return module
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import hydra
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,6 +40,7 @@ from lightning_stl.regularizers import (
     check_loss_weight,
     check_mixup_alpha,
 )
+from lightning_stl.regularizers.base import FineTuneStep
 from lightning_stl.schedule import TARGET, logs_this_step
 
 
@@ -58,6 +60,9 @@ class FineTune(TargetEvaluation):
         label_mixup_weight: γ_FC of L^FC (Eq. 5), >= 0.
         feature_mixup_form, label_mixup_form: ``"paper"`` or ``"official"`` (see
             :mod:`lightning_stl.regularizers.smile`).
+        regularizers: Configs (``_target_`` + arguments) of further
+            :class:`~lightning_stl.regularizers.base.Regularizer` s whose penalties are added to
+            the loss (L2-SP, DELTA, BSS, Co-Tuning...); they compose with mixup and SMILE.
 
     The teacher exists when γ_FE > 0 or γ_FC > 0; it is part of ``state_dict`` (checkpoints).
     Every argument is a plain value, so ``FineTune.load_from_checkpoint(path)`` rebuilds it.
@@ -77,6 +82,7 @@ class FineTune(TargetEvaluation):
         label_mixup_weight: float = 0.0,
         feature_mixup_form: str = "paper",
         label_mixup_form: str = "paper",
+        regularizers: list[dict[str, Any]] | None = None,
     ):
         super().__init__(num_target_classes)
         self.save_hyperparameters()
@@ -113,6 +119,9 @@ class FineTune(TargetEvaluation):
         self.feature_mixup = FeatureMixupLoss(feature_mixup_form)
         self.label_mixup = LabelMixupLoss(label_mixup_form)
         self.teacher = MeanTeacher(self.backbone, self.source_head) if regularised else None
+        self.regularizers = nn.ModuleList(
+            [hydra.utils.instantiate(conf, _convert_="all") for conf in regularizers or []]
+        )
 
     # ------------------------------------------------------------------ source model
     def load_source_model(self, source: SourceModel) -> None:
@@ -139,6 +148,11 @@ class FineTune(TargetEvaluation):
         if self.teacher is not None:
             self.teacher.copy_from(self.backbone, self.source_head)
 
+    def setup_regularizers(self, datamodule: Any) -> None:
+        """:meth:`Regularizer.setup` of each regulariser, after :meth:`load_source_model`."""
+        for regularizer in self.regularizers:
+            regularizer.setup(self, datamodule)
+
     def teacher_sources(self) -> tuple[nn.Module, nn.Module | None]:
         """The student's modules the mean teacher averages: backbone and auxiliary head."""
         return self.backbone, self.source_head
@@ -163,15 +177,25 @@ class FineTune(TargetEvaluation):
         Returns the loss and its parts (for logging).
         """
         if self.mixup_alpha is None:
-            loss = F.cross_entropy(self(x), y)
-            return loss, {"ce": loss}
-        pairs = MixupPairs.draw(len(y), self.mixup_alpha, x.device, self.fold_mixup_weight)
-        mixed = pairs.mix(x)
+            pairs, mixed = None, x
+        else:
+            pairs = MixupPairs.draw(len(y), self.mixup_alpha, x.device, self.fold_mixup_weight)
+            mixed = pairs.mix(x)
         wants_map = self.feature_mixup_weight > 0 and self.feature_mixup.uses_feature_map
         feature_map = self.backbone.forward_features(mixed)
         features = self.backbone.forward_head(feature_map, pre_logits=True)
-        parts = {"mixup": pairs.cross_entropy(self.head(features), y)}
-        loss = parts["mixup"]
+        logits = self.head(features)
+        if pairs is None:
+            parts = {"ce": F.cross_entropy(logits, y)}
+            loss = parts["ce"]
+        else:
+            parts = {"mixup": pairs.cross_entropy(logits, y)}
+            loss = parts["mixup"]
+        if self.regularizers:
+            step = FineTuneStep(mixed, x, y, feature_map, features, logits, pairs)
+            for regularizer in self.regularizers:
+                parts[regularizer.name] = regularizer(step, self)
+                loss = loss + parts[regularizer.name]
         if self.teacher is not None:
             teacher_features, teacher_logits = self.teacher(
                 x, feature_map=wants_map, classify=self.label_mixup_weight > 0
