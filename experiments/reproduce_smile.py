@@ -35,6 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
     "finetune_l2": "L²",
     "mixup": "Mixup",
+    "l2sp": "L²-SP",
+    "delta": "DELTA",
+    "bss": "BSS",
+    "rifle": "RIFLE",
+    "cotuning": "Co-Tuning",
+    "regsl": "RegSL",
+    "delta_mixup": "DELTA + Mixup",
+    "bss_mixup": "BSS + Mixup",
+    "rifle_mixup": "RIFLE + Mixup",
     "smile": "SMILE",
     "smile_official": "SMILE (official code)",
     "smile_no_fc": "SMILE w/o L^FC",
@@ -166,6 +175,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="default outputs/smile/...")
     parser.add_argument("--data", default=os.environ.get("LIGHTNING_STL_DATA", str(ROOT / "data")))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="only these rows of the profile (default: all)"
+    )
     args = parser.parse_args()
     profile = load_profile(args.experiment, args.profile)
     out = args.out or ROOT / "experiments" / "results" / args.experiment / f"smile_{args.profile}"
@@ -182,6 +194,11 @@ def main() -> None:
     if args.jobs > 1:
         base.append("torch_threads=1")  # parallel runs on a CPU share its cores
     methods = list(profile["methods"])
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            raise SystemExit(f"--methods {unknown} are not in the profile: {', '.join(methods)}")
+        methods = [m for m in methods if m in args.methods]
     settings = {str(k): list(v) for k, v in profile["settings"].items()}
     seeds = [int(s) for s in profile["seeds"]]
     started = time.time()

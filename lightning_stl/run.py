@@ -153,8 +153,15 @@ def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.Light
         num_source_classes = datamodule.num_source_classes
     else:
         num_source_classes = source.num_classes if source is not None else None
+    mixup_alpha, regularizers = resolve_regularizers(cfg.method.get("regularizers") or [], cfg)
+    extra: dict[str, Any] = {}
+    if regularizers:
+        extra["regularizers"] = [*(module_conf.get("regularizers") or []), *regularizers]
+    if mixup_alpha is not None:
+        extra["mixup_alpha"] = mixup_alpha
     module = hydra.utils.instantiate(
         module_conf,
+        **extra,
         backbone=cfg.backbone.name,
         backbone_options=_backbone_options(cfg),
         in_chans=cfg.backbone.in_chans,
@@ -162,6 +169,7 @@ def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.Light
         num_source_classes=num_source_classes,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         _convert_="all",
+        _recursive_=False,  # FineTune builds its regularisers itself (plain configs in hparams)
     )
     if on_source:
         source = resolve_source_model(cfg, datamodule)
@@ -175,6 +183,40 @@ def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.Light
         )
     module.setup_regularizers(datamodule)
     return module
+
+
+def resolve_regularizers(
+    names: list[Any], cfg: DictConfig
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """``method.regularizers``: names of ``conf/regularizer/<name>.yaml`` (or inline configs),
+    each merged with ``method.regularizer_options.<name>``. ``mixup`` is not a module: it returns
+    its α, which turns on mixup in :class:`~lightning_stl.methods.FineTune`.
+
+    Returns ``(mixup α or None, regulariser configs to instantiate)``.
+    """
+    folder = Path(_config_dir()) / "regularizer"
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    options = cfg.method.get("regularizer_options") or {}
+    mixup_alpha, configs = None, []
+    for entry in names:
+        if isinstance(entry, DictConfig | dict):
+            configs.append(OmegaConf.to_container(OmegaConf.create(entry), resolve=True))
+            continue
+        name = str(entry)
+        if name not in known:
+            raise ValueError(
+                f"method.regularizers: unknown regulariser {name!r}; known: {', '.join(known)}"
+            )
+        conf = OmegaConf.merge(OmegaConf.load(folder / f"{name}.yaml"), options.get(name) or {})
+        # the file may refer to ${paths.*} (where to cache what it computes)
+        context = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths, resolve=True)})
+        context._regularizer = conf
+        resolved = OmegaConf.to_container(context, resolve=True)["_regularizer"]
+        if name == "mixup":
+            mixup_alpha = float(resolved["alpha"])
+        else:
+            configs.append(resolved)
+    return mixup_alpha, configs
 
 
 def resolve_source_model(cfg: DictConfig, datamodule: SourceTargetDataModule) -> SourceModel | None:

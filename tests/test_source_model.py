@@ -275,7 +275,8 @@ def test_a_classifier_free_source_with_label_mixup_raises(tmp_path):
     assert source.classifier is None
     module = FineTune(num_source_classes=10, mixup_alpha=0.2, label_mixup_weight=0.1)
     with pytest.raises(
-        ValueError, match=r"label_mixup_weight \(γ_FC\)=0.1 > 0 needs a source classifier"
+        ValueError,
+        match=r"label_mixup_weight \(γ_FC\)=0.1 \(or Co-Tuning\) needs a source classifier",
     ):
         module.load_source_model(source)
     # without L_FC the same source is fine

@@ -2,5 +2,7 @@
 
 from lightning_stl.callbacks.divergence import DivergenceGuard
 from lightning_stl.callbacks.mean_teacher import MeanTeacherUpdate
+from lightning_stl.callbacks.regsl_projection import RegSLProjection
+from lightning_stl.callbacks.rifle import RIFLE
 
-__all__ = ["DivergenceGuard", "MeanTeacherUpdate"]
+__all__ = ["RIFLE", "DivergenceGuard", "MeanTeacherUpdate", "RegSLProjection"]

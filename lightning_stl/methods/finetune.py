@@ -111,17 +111,25 @@ class FineTune(TargetEvaluation):
         self.optimizer_config = SGDConfig(**(optimizer or {}))
         self.backbone = create_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
         self.head = nn.Linear(self.backbone.num_features, num_target_classes)
-        self.source_head = (
-            nn.Linear(self.backbone.num_features, num_source_classes)
-            if self.label_mixup_weight > 0
-            else None
-        )
-        self.feature_mixup = FeatureMixupLoss(feature_mixup_form)
-        self.label_mixup = LabelMixupLoss(label_mixup_form)
-        self.teacher = MeanTeacher(self.backbone, self.source_head) if regularised else None
         self.regularizers = nn.ModuleList(
             [hydra.utils.instantiate(conf, _convert_="all") for conf in regularizers or []]
         )
+        wants_source_head = self.label_mixup_weight > 0 or any(
+            getattr(r, "uses_source_head", False) for r in self.regularizers
+        )
+        if wants_source_head and not num_source_classes:
+            raise ValueError(
+                "a regulariser of this method trains the pre-trained source classifier "
+                "(Co-Tuning), but the source model has none (num_source_classes=None); give "
+                "backbone.weights a file or checkpoint with a classifier"
+            )
+        self.source_head = (
+            nn.Linear(self.backbone.num_features, num_source_classes) if wants_source_head else None
+        )
+        self.source_model: SourceModel | None = None  # set by load_source_model, not saved
+        self.feature_mixup = FeatureMixupLoss(feature_mixup_form)
+        self.label_mixup = LabelMixupLoss(label_mixup_form)
+        self.teacher = MeanTeacher(self.backbone, self.source_head) if regularised else None
 
     # ------------------------------------------------------------------ source model
     def load_source_model(self, source: SourceModel) -> None:
@@ -129,12 +137,13 @@ class FineTune(TargetEvaluation):
         classifier, and the teacher as a copy of both. The target head stays freshly initialised.
         """
         self.backbone.load_state_dict(source.backbone, strict=True)
+        self.source_model = source
         if self.source_head is not None:
             if source.classifier is None:
                 raise ValueError(
-                    f"label_mixup_weight (γ_FC)={self.label_mixup_weight} > 0 needs a source "
-                    f"classifier, but {source.origin} has none; set label_mixup_weight=0 or give "
-                    "a source model with its classifier"
+                    f"label_mixup_weight (γ_FC)={self.label_mixup_weight} (or Co-Tuning) needs a "
+                    f"source classifier, but {source.origin} has none; set label_mixup_weight=0 "
+                    "or give a source model with its classifier"
                 )
             weight = source.classifier["weight"]
             if tuple(weight.shape) != tuple(self.source_head.weight.shape):
