@@ -131,7 +131,9 @@ def build_smooth_transfer(
     )
 
 
-def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.LightningModule:
+def build_module(
+    cfg: DictConfig, datamodule: SourceTargetDataModule, device: torch.device | None = None
+) -> L.LightningModule:
     """The LightningModule of ``cfg.method`` (``method.module._target_``; SmoothTransfer when
     absent), sized for ``datamodule``. A fine-tuning module starts from the source model of
     :func:`resolve_source_model`."""
@@ -181,6 +183,8 @@ def build_module(cfg: DictConfig, datamodule: SourceTargetDataModule) -> L.Light
             "given: set backbone.weights=<file or checkpoint>, backbone.pretrained=true (timm's "
             "weights, online) or pretraining.on_source=true"
         )
+    if device is not None:  # regularisers' set-up (DELTA's channel estimate) on the run's device
+        module.to(device)
     module.setup_regularizers(datamodule)
     return module
 
@@ -620,7 +624,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     datamodule.prepare_data()
     datamodule.setup("fit")
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, _run_device(cfg, trainer_overrides))
 
     summaries: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
@@ -699,6 +703,16 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         f"[val {metrics['best_val_acc']:.4f}]  -> {run_dir}"
     )
     return metrics
+
+
+def _run_device(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> torch.device:
+    """The device the trainer will use (the claimed GPU, the first GPU, or the CPU)."""
+    accelerator = str(trainer_overrides.get("accelerator", cfg.trainer.get("accelerator", "auto")))
+    devices = trainer_overrides.get("devices", cfg.trainer.get("devices", "auto"))
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        index = devices[0] if isinstance(devices, list | ListConfig) and devices else 0
+        return torch.device(f"cuda:{int(index)}")
+    return torch.device("cpu")
 
 
 def _absolute_omega(
