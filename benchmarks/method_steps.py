@@ -83,11 +83,16 @@ def main() -> None:
     methods = list(dict.fromkeys(["finetune_l2", *args.methods]))
     with tempfile.TemporaryDirectory() as tmp:
         built = {m: build(m, Path(tmp), args.data, args.batch) for m in methods}
-        trainers = {m: SimpleNamespace(global_step=0, training=True) for m in methods}
+        trainers = {
+            m: SimpleNamespace(
+                global_step=0, training=True, estimated_stepping_batches=10**6, current_epoch=0
+            )
+            for m in methods
+        }
         for method, (module, optimizer, callbacks, batch) in built.items():
-            for cb in callbacks:
-                if hasattr(cb, "on_fit_start"):
-                    cb.on_fit_start(trainers[method], module)
+            for cb in callbacks:  # the hooks Lightning calls before the first step
+                cb.setup(trainers[method], module, "fit")
+                cb.on_fit_start(trainers[method], module)
             for _ in range(3):  # warm-up
                 one_step(module, optimizer, callbacks, batch, trainers[method])
         times: dict[str, list[float]] = {m: [] for m in methods}

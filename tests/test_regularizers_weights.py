@@ -30,6 +30,7 @@ from lightning_stl.regularizers.delta import (
     pooled_features,
 )
 from lightning_stl.regularizers.l2sp import L2SP
+from lightning_stl.run import resolve_regularizers
 
 L2SP_TARGET = "lightning_stl.regularizers.l2sp.L2SP"
 DELTA_TARGET = "lightning_stl.regularizers.delta.DELTA"
@@ -421,7 +422,8 @@ def test_method_configs_compose_with_the_papers_defaults(make_cfg, method: str, 
     cfg = make_cfg(f"method={method}")
     assert cfg.method.name == method
     assert cfg.method.module.mixup_alpha is None  # finetune_l2 underneath
-    (conf,) = cfg.method.module.regularizers
+    mixup_alpha, (conf,) = resolve_regularizers(cfg.method.regularizers, cfg)
+    assert mixup_alpha is None
     regularizer = hydra.utils.instantiate(conf, _convert_="all")
     assert regularizer.name == method
     for key, value in expected.items():
