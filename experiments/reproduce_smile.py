@@ -115,8 +115,9 @@ def draw_bars(
     import matplotlib.pyplot as plt
 
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(settings), 3.6), dpi=130)
-    colors = plt.cm.tab10(range(len(methods)))
+    fig, ax = plt.subplots(figsize=(3.2 + 1.6 * len(settings), 3.6), dpi=130)
+    palette = plt.cm.tab20 if len(methods) > 10 else plt.cm.tab10
+    colors = [palette(i % palette.N) for i in range(len(methods))]
     lows = [v[0] - v[1] for v in stats.values()]
     for i, method in enumerate(methods):
         xs, means, stds = [], [], []
@@ -141,7 +142,7 @@ def draw_bars(
         ax.set_ylim(max(0.0, min(lows) - 5), 100)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
