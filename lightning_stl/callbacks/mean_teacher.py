@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+
+from lightning_stl.callbacks.optimizer_step import AfterOptimizerStep
 
 
-class MeanTeacherUpdate(Callback):
+class MeanTeacherUpdate(AfterOptimizerStep):
     """θ_T ← decay·θ_T + (1 − decay)·θ_S every ``every_n_steps`` optimiser steps.
 
     Updates after the optimiser steps whose number (``trainer.global_step``, 1-based after the
@@ -45,7 +44,6 @@ class MeanTeacherUpdate(Callback):
         self.decay = float(decay)
         self.every_n_steps = every_n_steps
         self.include_classifier = bool(include_classifier)
-        self._last_step = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "teacher", None) is None:
@@ -54,20 +52,11 @@ class MeanTeacherUpdate(Callback):
                 "when feature_mixup_weight > 0 or label_mixup_weight > 0 (SMILE); remove the "
                 "mean_teacher callback from method.callbacks otherwise"
             )
-        self._last_step = trainer.global_step  # a resumed fit starts at its checkpoint's step
+        super().on_fit_start(trainer, pl_module)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # no optimiser step in this batch (gradient accumulation)
-            return
-        self._last_step = step
         if step % self.every_n_steps:
             return
         backbone, classifier = pl_module.teacher_sources()

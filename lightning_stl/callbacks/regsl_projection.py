@@ -45,8 +45,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+
+from lightning_stl.callbacks.optimizer_step import AfterOptimizerStep
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def project_(weight: Tensor, reference: Tensor, radius: float) -> None:
     weight.copy_(torch.where(norm > radius, reference + delta * scale, weight))
 
 
-class RegSLProjection(Callback):
+class RegSLProjection(AfterOptimizerStep):
     """Projects the backbone's weights (and the head's) onto RegSL's balls after each optimiser
     step (once per step under gradient accumulation).
 
@@ -141,7 +142,6 @@ class RegSLProjection(Callback):
         self.groups = None if groups is None else dict(groups)
         self.radii: dict[str, float] = {}
         self.references: dict[str, Tensor] = {}
-        self._last_step = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -169,21 +169,9 @@ class RegSLProjection(Callback):
             max(self.radii.values(), default=0.0),
         )
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # no optimiser step in this batch (gradient accumulation)
-            return
-        self._last_step = step
         self.project(pl_module)
 
     def project(self, pl_module: nn.Module) -> None:
