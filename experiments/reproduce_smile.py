@@ -10,6 +10,10 @@ tested; the table gives the test accuracy as mean ± std over seeds. Writes unde
 - ``bars.png``: the same numbers as a bar chart with ±std error bars;
 - ``runs.csv``: every finished run the table is made from.
 
+A profile (``experiments/smile_profiles.yaml``) may give ``method_overrides``: extra overrides
+of one method's runs (the paper profiles of CUB-200, Stanford Cars and FGVC-Aircraft carry the
+authors' per-data-set baseline weights there).
+
 Resumable: a finished run (its ``metrics.json``) is never run again, and the source pre-training
 (``pretraining.on_source``) is cached, so a killed reproduction started again picks up where it
 stopped. ``make reproduce-smile EXPERIMENT=digits PROFILE=quick`` calls this.
@@ -62,6 +66,16 @@ def load_profile(experiment: str, profile: str) -> dict[str, Any]:
             f"choose one of {', '.join(profiles[experiment])}"
         )
     return profiles[experiment][profile]
+
+
+def cell_overrides(
+    profile: dict[str, Any], method: str, setting: list[str], seed: int, base: list[str] = ()
+) -> list[str]:
+    """The Hydra overrides of one cell: the run-wide ``base``, the setting's, ``method=``, the
+    profile's ``method_overrides`` of that method (the per-data-set settings of the authors' code,
+    e.g. L2-SP's α) and ``seed=``."""
+    per_method = (profile.get("method_overrides") or {}).get(method) or []
+    return [*base, *setting, f"method={method}", *per_method, f"seed={seed}"]
 
 
 def summarize(
@@ -212,7 +226,7 @@ def main() -> None:
         first_setting, first = next(iter(settings.items()))
         pool.submit(
             train_cell,
-            [*base, *first, f"method={methods[0]}", f"seed={seeds[0]}"],
+            cell_overrides(profile, methods[0], first, seeds[0], base),
             str(work / methods[0] / _slug(first_setting) / f"seed{seeds[0]}"),
             args.data,
         ).result()
@@ -221,7 +235,7 @@ def main() -> None:
                 jobs = []
                 for seed in seeds:
                     run_dir = work / method / _slug(setting) / f"seed{seed}"
-                    cell = [*base, *overrides, f"method={method}", f"seed={seed}"]
+                    cell = cell_overrides(profile, method, overrides, seed, base)
                     jobs.append(
                         (seed, run_dir, pool.submit(train_cell, cell, str(run_dir), args.data))
                     )

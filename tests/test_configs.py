@@ -71,3 +71,21 @@ def test_ddp_trainer():
     cfg = compose_with_hydra("trainer=ddp")
     assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
     assert cfg.trainer.use_distributed_sampler is False
+
+
+def test_smile_official_is_the_authors_finetune_py():
+    """lixingjian/SMILE ``FinetuneSMILE``: reg_weight_fea 0.01, reg_weight_fc 0.1, alpha 0.2, λ
+    folded, ema_decay 0.999 every 10 iterations inside the step, ``named_parameters()`` only, the
+    classifier kept; the paper form keeps γ_FE = 0.1 and averages BatchNorm statistics."""
+    official = compose_with_hydra("+experiment=digits_smile", "method=smile_official").method
+    module, teacher = official.module, official.callbacks.mean_teacher
+    assert (module.feature_mixup_weight, module.label_mixup_weight) == (0.01, 0.1)
+    assert module.mixup_alpha == 0.2 and module.fold_mixup_weight is True
+    assert (module.feature_mixup_form, module.label_mixup_form) == ("official", "official")
+    assert (teacher.decay, teacher.every_n_steps) == (0.999, 10)
+    assert teacher.update_before_step is True and teacher.average_buffers is False
+    assert teacher.include_classifier is False
+    paper = compose_with_hydra("+experiment=digits_smile", "method=smile").method
+    assert paper.module.feature_mixup_weight == 0.1 and paper.module.fold_mixup_weight is False
+    assert paper.callbacks.mean_teacher.average_buffers is True
+    assert paper.callbacks.mean_teacher.update_before_step is False

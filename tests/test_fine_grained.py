@@ -328,6 +328,43 @@ def test_datamodule_decodes_and_normalises_in_workers(trees):
         dm.val_dataloader()
 
 
+def reference_keep_aspect_test_image(path: Path) -> np.ndarray:
+    """The authors' ``transform_test`` with ``keep_aspect`` by hand: the shorter side to 40 (the
+    longer one scaled by the same factor, truncated), then the central 32 x 32."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        width, height = rgb.size
+        if width <= height:
+            size = (RESIZE, int(RESIZE * height / width))
+        else:
+            size = (int(RESIZE * width / height), RESIZE)
+        resized = rgb.resize(size, Image.BILINEAR)
+    x = np.asarray(resized, dtype=np.float32) / 255
+    top = int(round((size[1] - CROP) / 2))
+    left = int(round((size[0] - CROP) / 2))
+    x = x[top : top + CROP, left : left + CROP]
+    x = (x - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def test_keep_aspect_resizes_the_shorter_side_as_the_authors_code_does(trees):
+    root, _ = trees["cub200"]
+    assert IMAGE_SIZE[0] != IMAGE_SIZE[1]  # a square image would not tell the two apart
+    dm = file_dm(root, "cub200", keep_aspect=True)
+    square = file_dm(root, "cub200")
+    x, _ = next(iter(dm.test_dataloader()))
+    x_square, _ = next(iter(square.test_dataloader()))
+    for i in range(len(x)):
+        np.testing.assert_allclose(
+            x[i].numpy(), reference_keep_aspect_test_image(dm.test_set.path(i)), atol=1e-5
+        )
+    assert float((x - x_square).abs().max()) > 0.1
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    assert batch["target"][0].shape == (4, 3, CROP, CROP)
+    with pytest.raises(ValueError, match=r"data.keep_aspect='yes' is not allowed.*true or false"):
+        file_dm(root, "cub200", keep_aspect="yes")
+
+
 def class_of(data: FileImageSet, root: Path) -> list[str]:
     """The original class name of each image, from its folder (the CUB layout)."""
     return [data.path(i).parent.name for i in range(len(data))]
@@ -396,6 +433,7 @@ def test_data_configs_instantiate(name, trees):
     )
     assert cfg.data.target == name and cfg.data.source is None and cfg.data.val_size == 0
     assert (cfg.data.target_batch_size, cfg.data.resize_size, cfg.data.crop_size) == (48, 256, 224)
+    assert cfg.data.keep_aspect is False  # the paper's 256 x 256 (the profiles set CUB's)
     dm = instantiate(cfg.data, _convert_="all")
     expected = "100%" if name in ("food101", "mit_indoor67") else "C:All/N:100%"
     assert dm.protocol.name == expected and dm.num_target_classes == DATASETS[name].num_classes

@@ -110,6 +110,27 @@ def test_include_classifier_false_keeps_the_pretrained_classifier():
             assert not torch.equal(value, old[key]), key
 
 
+def test_parameters_only_averages_the_parameters_and_keeps_every_buffer():
+    """The official code's teacher (``for name, p in model_source.named_parameters()``): BatchNorm
+    running statistics and counters stay those of the pre-trained model."""
+    backbone, classifier, teacher = moved_student()
+    old = flat_state(teacher)
+    student = student_state(backbone, classifier)
+    parameter_names = {f"backbone.{n}" for n, _ in backbone.named_parameters()} | {
+        f"classifier.{n}" for n, _ in classifier.named_parameters()
+    }
+    buffer_names = set(old) - parameter_names
+    assert {k for k in buffer_names if k.endswith("running_var")}, "the CNN has BatchNorm"
+    teacher.update(backbone, classifier, 0.9, buffers=False)
+    new = teacher.state_dict()
+    for key in parameter_names:
+        expected = 0.9 * old[key].double() + 0.1 * student[key].double()
+        torch.testing.assert_close(new[key].double(), expected, rtol=1e-6, atol=1e-6)
+    for key in buffer_names:
+        assert torch.equal(new[key], old[key]), key
+        assert not torch.equal(new[key], student[key]), key
+
+
 def test_copy_from_makes_an_exact_copy():
     backbone, classifier, teacher = moved_student()
     teacher.copy_from(backbone, classifier)
@@ -203,6 +224,9 @@ def test_teacher_parameters_are_not_student_parameters():
         ({"every_n_steps": -3}, r"every_n_steps=-3 is not allowed"),
         ({"every_n_steps": 2.5}, r"every_n_steps=2.5 is not allowed"),
         ({"every_n_steps": True}, r"every_n_steps=True is not allowed"),
+        ({"average_buffers": "no"}, r"average_buffers='no' is not allowed.*true or false"),
+        ({"update_before_step": 1}, r"update_before_step=1 is not allowed"),
+        ({"include_classifier": None}, r"include_classifier=None is not allowed"),
     ],
 )
 def test_bad_callback_settings_raise(kwargs, pattern):
@@ -216,16 +240,19 @@ def test_the_hook_updates_when_global_step_is_a_multiple_of_the_period(monkeypat
     monkeypatch.setattr(
         MeanTeacher,
         "update",
-        lambda self, backbone, classifier, decay, include_classifier=True: seen.append(
-            (fake.global_step, decay, include_classifier, backbone is module.backbone)
+        lambda self, backbone, classifier, decay, include_classifier, buffers: seen.append(
+            (fake.global_step, decay, include_classifier, buffers, backbone is module.backbone)
         ),
     )
-    callback = MeanTeacherUpdate(decay=0.7, every_n_steps=4, include_classifier=False)
+    callback = MeanTeacherUpdate(
+        decay=0.7, every_n_steps=4, include_classifier=False, average_buffers=False
+    )
     fake = SimpleNamespace(global_step=0)
     for step in range(1, 14):
+        callback.on_before_optimizer_step(fake, module, None)  # after-step mode: nothing here
         fake.global_step = step
         callback.on_train_batch_end(fake, module, None, None, step - 1)
-    assert seen == [(4, 0.7, False, True), (8, 0.7, False, True), (12, 0.7, False, True)]
+    assert seen == [(s, 0.7, False, False, True) for s in (4, 8, 12)]
 
 
 def test_the_callback_needs_a_teacher():
@@ -248,7 +275,13 @@ class TargetBatches(Dataset):
         return {TARGET: (self.x[i], self.y[i])}
 
 
-def fit(module: FineTune, callback: MeanTeacherUpdate, max_steps: int, **trainer_kwargs):
+def fit(
+    module: FineTune,
+    callback: MeanTeacherUpdate,
+    max_steps: int,
+    callbacks_extra: list[L.Callback] = (),
+    **trainer_kwargs,
+):
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -259,7 +292,7 @@ def fit(module: FineTune, callback: MeanTeacherUpdate, max_steps: int, **trainer
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[callback],
+        callbacks=[callback, *callbacks_extra],
         **trainer_kwargs,
     )
     trainer.fit(module, train_dataloaders=DataLoader(TargetBatches(), batch_size=8))
@@ -304,6 +337,48 @@ def test_a_fit_updates_the_teacher_every_n_optimiser_steps(monkeypatch, every, e
     assert not torch.equal(module.teacher.backbone.conv1.weight, module.backbone.conv1.weight)
     assert not any(m.training for m in module.teacher.modules())
     assert all(p.grad is None for p in module.teacher.parameters())
+
+
+class TeacherSnapshots(L.Callback):
+    """Records, for every batch, the student's weights before its step and the teacher's weights
+    its losses saw (the teacher's forward inside ``training_step``)."""
+
+    def __init__(self, module: FineTune):
+        self.student_before: list[torch.Tensor] = []
+        self.teacher_seen: list[torch.Tensor] = []
+        module.teacher.register_forward_pre_hook(
+            lambda teacher, args: self.teacher_seen.append(
+                teacher.backbone.conv1.weight.detach().clone()
+            )
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.student_before.append(pl_module.backbone.conv1.weight.detach().clone())
+
+
+def test_the_official_order_updates_inside_steps_0_n_2n_with_the_pre_step_student():
+    """lixingjian/SMILE, ``FinetuneSMILE.loss``: the teacher's forward, then (at 0-based iterations
+    0, n, 2n...) θ_T ← decay·θ_T + (1 − decay)·θ_S with the student before that step's update.
+    Replayed here by hand from the recorded pre-step student weights."""
+    torch.manual_seed(0)
+    module = smile_module()
+    snapshots = TeacherSnapshots(module)
+    decay, every, steps = 0.5, 3, 8
+    fit(
+        module,
+        MeanTeacherUpdate(decay=decay, every_n_steps=every, update_before_step=True),
+        max_steps=steps,
+        callbacks_extra=[snapshots],
+    )
+    teacher = snapshots.teacher_seen[0].double()  # the pre-trained teacher, seen by step 0
+    for index in range(steps):
+        torch.testing.assert_close(snapshots.teacher_seen[index].double(), teacher)
+        if index % every == 0:  # after this step's forward, with the pre-step student
+            teacher = decay * teacher + (1 - decay) * snapshots.student_before[index].double()
+    torch.testing.assert_close(module.teacher.backbone.conv1.weight.double(), teacher)
+    # the teacher moved at steps 3 and 6 (step 0's student is the teacher itself)
+    assert not torch.equal(snapshots.teacher_seen[4], snapshots.teacher_seen[3])
+    assert torch.equal(snapshots.teacher_seen[3], snapshots.teacher_seen[1])
 
 
 def test_gradient_accumulation_updates_once_per_optimiser_step(monkeypatch):

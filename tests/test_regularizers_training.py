@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import hydra
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -472,27 +473,79 @@ def test_reweighting_averages_one_and_orders_inversely_with_the_loss():
 
 
 def test_reweighting_temperature_decays_to_half():
+    """1-based epochs; the official code lowers τ at the end of each epoch after the 5th."""
     assert reweight_temperature(3, 5, 2.0) == 2.0
     assert reweight_temperature(5, 5, 2.0) == 2.0
-    assert reweight_temperature(6, 5, 2.0) == pytest.approx(2.0 * math.exp(-0.1))
+    assert reweight_temperature(6, 5, 2.0) == 2.0
+    assert reweight_temperature(7, 5, 2.0) == pytest.approx(2.0 * math.exp(-0.1))
     assert reweight_temperature(100, 5, 2.0) == 1.0
 
 
+def official_regsl_epochs(epochs: int, adaptive_epoch: int, correct_epoch: int, temp: float):
+    """The bookkeeping of the official ``ConstraintTrainer`` replayed line by line
+    (VirtuosoResearch/Regularized-Self-Labeling: ``base_trainer.py`` ``start_epoch = 1`` and
+    ``for epoch in range(self.start_epoch, self.epochs + 1)``; ``constraint_trainer.py``
+    ``_train_adaptive_epoch``): for each epoch, (labels corrected?, losses re-weighted?, τ)."""
+    init_temp, rows = temp, []
+    for epoch in range(1, epochs + 1):
+        corrects = epoch >= correct_epoch
+        reweights = not epoch < adaptive_epoch
+        rows.append((corrects, reweights, temp))
+        if epoch > adaptive_epoch:  # "Schedule the temperature", at the end of the epoch
+            temp = max(0.5, math.exp(-0.1 * (epoch - adaptive_epoch))) * init_temp
+    return rows
+
+
+def test_regsl_schedules_start_in_the_epochs_the_official_trainer_starts_them():
+    """Re-weighting from the 5th epoch, correction from the 10th (1-based, as the official code);
+    Lightning's ``current_epoch`` is 0-based. Each epoch's loss is recomputed in numpy."""
+    regsl = RegSL(threshold=0.6, correct_epoch=10, reweight_epoch=5, temperature=2.0)
+    torch.manual_seed(1)
+    logits = torch.randn(8, K_T, dtype=torch.float64) * 3
+    labels = torch.randint(0, K_T, (8,))
+    x = torch.zeros(8, 1, 8, 8)
+    step = FineTuneStep(x, x, labels, None, torch.zeros(8, FEATURES), logits, None)
+    z = logits.numpy()
+    log_p = z - z.max(1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+    p = np.exp(log_p)
+    flipped = (p.max(1) > 0.6) & (p.argmax(1) != labels.numpy())
+    assert flipped.any()
+    schedule = official_regsl_epochs(14, adaptive_epoch=5, correct_epoch=10, temp=2.0)
+    assert [r[:2] for r in schedule].index((False, True)) == 4  # current_epoch 4 = 5th epoch
+    assert [r[0] for r in schedule].index(True) == 9
+    seen_temperatures = set()
+    for current_epoch, (corrects, reweights, temp) in enumerate(schedule):
+        target = np.where(flipped, p.argmax(1), labels.numpy()) if corrects else labels.numpy()
+        losses = -log_p[np.arange(8), target]
+        if reweights:
+            e = np.exp(-losses / temp)
+            weights = 8 * e / e.sum()
+            seen_temperatures.add(round(temp, 12))
+        else:
+            weights = np.ones(8)
+        expected = float(np.mean(weights * losses))
+        ce = F.cross_entropy(logits, labels)
+        got = ce + regsl(step, SimpleNamespace(current_epoch=current_epoch))
+        assert got.item() == pytest.approx(expected, rel=1e-10), current_epoch
+    assert len(seen_temperatures) >= 5  # τ decays over the replayed epochs
+
+
 def test_regsl_turns_fine_tunes_cross_entropy_into_the_self_labelled_loss():
-    regsl = RegSL(threshold=0.6, correct_epoch=2, reweight_epoch=1, temperature=1.0)
+    regsl = RegSL(threshold=0.6, correct_epoch=3, reweight_epoch=2, temperature=1.0)
     torch.manual_seed(0)
     logits = torch.randn(8, K_T) * 3
     labels = torch.randint(0, K_T, (8,))
     x = torch.zeros(8, 1, 8, 8)
     step = FineTuneStep(x, x, labels, None, torch.zeros(8, FEATURES), logits, None)
     ce = F.cross_entropy(logits, labels)
-    # epoch 0: plain cross-entropy, no correction
+    # the first epoch (current_epoch 0): plain cross-entropy, no correction
     torch.testing.assert_close(regsl(step, SimpleNamespace(current_epoch=0)), torch.tensor(0.0))
-    # epoch 3: corrected labels, re-weighted losses
+    # the 4th epoch (current_epoch 3): corrected labels, re-weighted losses
     corrected, changed = correct_labels(logits, labels, 0.6)
     assert changed.any()
     losses = F.cross_entropy(logits, corrected, reduction="none")
-    temperature = reweight_temperature(3, 1, 1.0)
+    temperature = reweight_temperature(4, 2, 1.0)
     expected = (loss_weights(losses, temperature) * losses).mean()
     total = ce + regsl(step, SimpleNamespace(current_epoch=3))
     torch.testing.assert_close(total, expected)
@@ -524,6 +577,7 @@ def test_regsl_turns_fine_tunes_cross_entropy_into_the_self_labelled_loss():
         (lambda: RegSL(threshold=1.5), r"threshold=1.5 is not allowed"),
         (lambda: RegSL(temperature=0), r"temperature=0 is not allowed"),
         (lambda: RegSL(correct_epoch=-1), r"correct_epoch=-1 is not allowed"),
+        (lambda: RegSL(reweight_epoch=0), r"reweight_epoch=0 is not allowed.*>= 1 \(counted"),
     ],
 )
 def test_bad_settings_raise_naming_the_value(make, pattern):

@@ -226,6 +226,51 @@ def test_delta_penalty_matches_a_manual_computation_with_given_channel_weights(f
     assert float(distance) == pytest.approx(expected / 0.7, rel=1e-9)
 
 
+def np_smile_reg_delta(student, frozen, weights) -> float:
+    """``FinetuneDELTA.reg_delta`` of lixingjian/SMILE ``finetune.py``, in numpy, line by line:
+    reshape to (b, c, h·w), ``torch.norm(fm_tgt − fm_src, 2, 2)``, ``attention · distance² /
+    (h·w)``, ``torch.sum`` over batch and channels, summed over the hooked layers."""
+    total = 0.0
+    for s, t, w in zip(student, frozen, weights, strict=True):
+        b, c, h, wd = s.shape
+        distance = np.linalg.norm(s.reshape(b, c, h * wd) - t.reshape(b, c, h * wd), 2, axis=2)
+        total += float(np.sum(w[None, :] * distance**2 / (h * wd)))
+    return total
+
+
+def test_delta_smile_official_form_is_smiles_reg_delta():
+    """SMILE's code ran DELTA as Σ_batch Σ_c W_c ‖ΔFM_c‖² / (h·w) with no head term: with
+    ``form=smile_official`` and ``beta=0`` the penalty is alpha_delta times exactly that."""
+    torch.manual_seed(1)
+    net = TinyNet()
+    reference = copy.deepcopy(net).eval()
+    delta = DELTA(alpha=0.01, beta=0.0, form="smile_official")
+    delta.attach(net)
+    weights = [torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.4, 0.3, 0.2, 0.1])]
+    delta.set_channel_weights(weights)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(5, 2, 6, 6)
+    features = pooled_features(net, x)
+    penalty = delta(make_step(x, features), SimpleNamespace(head=nn.Linear(4, 5)))
+    with torch.no_grad():
+        student = [m.double().numpy() for m in net.maps(x)]
+        frozen = [m.double().numpy() for m in reference.maps(x)]
+    expected = 0.01 * np_smile_reg_delta(student, frozen, [w.double().numpy() for w in weights])
+    assert penalty.item() == pytest.approx(expected, rel=1e-5)
+    # the three forms are three different numbers on the same maps
+    values = {
+        form: float(
+            attention_distance(
+                [torch.tensor(m) for m in student], [torch.tensor(m) for m in frozen], weights, form
+            )
+        )
+        for form in ("paper", "official", "smile_official")
+    }
+    assert len({round(v, 6) for v in values.values()}) == 3
+
+
 def test_delta_distance_is_zero_for_the_unchanged_model_and_needs_the_students_maps():
     torch.manual_seed(0)
     net = TinyNet()
@@ -265,7 +310,10 @@ def test_delta_checks_its_arguments():
         ({"layers": ["act1", "act1"]}, "more than once"),
         ({"num_images": 0}, "num_images=0 is not allowed"),
         ({"temperature": 0}, "temperature=0 is not allowed"),
-        ({"form": "tllib"}, "form='tllib' is not allowed: choose one of paper, official"),
+        (
+            {"form": "tllib"},
+            "form='tllib' is not allowed: choose one of paper, official, smile_official",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             DELTA(**kwargs)

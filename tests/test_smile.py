@@ -192,7 +192,21 @@ def test_feature_mixup_paper_form_is_eq4_on_pooled_features():
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_feature_mixup_official_form_divides_the_map_distance_by_h_times_w():
+def np_official_feature_mixup(s: np.ndarray, t: np.ndarray, weight: float, perm) -> float:
+    """The authors' finetune.py, line 305, with explicit loops: ``torch.norm(mix(t) - s) / (h*w)``
+    is the square root of the sum of squares over every element of the batch."""
+    b, c, h, w = s.shape
+    total = 0.0
+    for i in range(b):
+        for k in range(c):
+            for u in range(h):
+                for v in range(w):
+                    mixed = weight * t[i, k, u, v] + (1 - weight) * t[perm[i], k, u, v]
+                    total += (mixed - s[i, k, u, v]) ** 2
+    return float(np.sqrt(total) / (h * w))
+
+
+def test_feature_mixup_official_form_is_the_whole_batch_frobenius_norm_over_h_times_w():
     rng = np.random.default_rng(3)
     b, c, h, w = 4, 3, 2, 5  # h != w, so h·h or w·w would fail
     s, t = rng.normal(size=(b, c, h, w)), rng.normal(size=(b, c, h, w))
@@ -200,13 +214,34 @@ def test_feature_mixup_official_form_divides_the_map_distance_by_h_times_w():
     loss = FeatureMixupLoss("official")(
         torch.from_numpy(s), torch.from_numpy(t), pairs_of(weight, perm)
     )
-    per_sample = []
-    for i in range(b):
-        target = weight * t[i] + (1 - weight) * t[perm[i]]
-        per_sample.append(((s[i] - target) ** 2).sum() / (h * w))
-    assert loss.item() == pytest.approx(np.mean(per_sample), rel=1e-12)
+    expected = np_official_feature_mixup(s, t, weight, perm)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # neither squared nor averaged over the batch: the paper-style per-image mean is far off
+    paper_style = np.mean(
+        [
+            ((s[i] - (weight * t[i] + (1 - weight) * t[perm[i]])) ** 2).sum() / (h * w)
+            for i in range(b)
+        ]
+    )
+    assert abs(loss.item() - paper_style) > 0.1 * paper_style
     assert FeatureMixupLoss("official").uses_feature_map
     assert not FeatureMixupLoss("paper").uses_feature_map
+
+
+def test_feature_mixup_official_form_grows_as_the_root_of_the_batch_size():
+    """Stacking a batch k times multiplies the whole-batch Frobenius norm by √k (a batch mean
+    would not change, a squared norm would grow k times)."""
+    rng = np.random.default_rng(8)
+    s, t = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 4, 4))
+    one = FeatureMixupLoss("official")(
+        torch.from_numpy(s), torch.from_numpy(t), pairs_of(1.0, [0, 1])
+    )
+    four = FeatureMixupLoss("official")(
+        torch.from_numpy(np.concatenate([s] * 4)),
+        torch.from_numpy(np.concatenate([t] * 4)),
+        pairs_of(1.0, list(range(8))),
+    )
+    assert four.item() == pytest.approx(2.0 * one.item(), rel=1e-12)
 
 
 def test_label_mixup_paper_form_is_the_squared_distance_of_softmax_outputs():
@@ -250,10 +285,13 @@ def test_teacher_inputs_get_no_gradient_and_the_student_gradient_is_right(loss, 
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
     if isinstance(loss, FeatureMixupLoss):
-        # d/ds mean_i ‖s_i − e_i‖² / (h·w) = 2 (s − e) / (B·h·w)
-        expected = pairs.mix(teacher.detach())
-        scale = 1.0 if len(shape) == 2 else shape[2] * shape[3]
-        torch.testing.assert_close(student.grad, 2 * (student.detach() - expected) / (4 * scale))
+        difference = student.detach() - pairs.mix(teacher.detach())
+        if loss.form == "paper":  # d/ds mean_i ‖s_i − e_i‖² = 2 (s − e) / B
+            torch.testing.assert_close(student.grad, 2 * difference / 4)
+        else:  # d/ds ‖s − e‖_F / (h·w) = (s − e) / (‖s − e‖_F · h·w)
+            norm = difference.pow(2).sum().sqrt()
+            scale = shape[2] * shape[3]
+            torch.testing.assert_close(student.grad, difference / (norm * scale))
 
 
 def test_shape_mismatch_and_bad_form_raise():
@@ -373,10 +411,14 @@ def test_one_lambda_and_one_shuffle_for_inputs_labels_features_and_outputs(
         feature_map = fe_form == "official"
         student = np_features(module, mixed, feature_map)
         teacher = np_mix(np_features(module, x, feature_map), weight, perm)
-        scale = student.shape[2] * student.shape[3] if feature_map else 1
-        fe = np.mean([((student[i] - teacher[i]) ** 2).sum() / scale for i in range(6)])
-        assert fe < 1e-20
-        assert parts["feature_mixup"].item() == pytest.approx(fe, abs=1e-20)
+        if feature_map:  # the whole batch's Frobenius norm / (h·w): float64 rounding ~1e-16
+            fe = np.sqrt(((student - teacher) ** 2).sum()) / (student.shape[2] * student.shape[3])
+            assert fe < 1e-12
+            assert parts["feature_mixup"].item() == pytest.approx(fe, abs=1e-12)
+        else:
+            fe = np.mean([((student[i] - teacher[i]) ** 2).sum() for i in range(6)])
+            assert fe < 1e-20
+            assert parts["feature_mixup"].item() == pytest.approx(fe, abs=1e-20)
         other = np_mix(np_features(module, x, feature_map), 1 - weight, perm)
         assert np.mean((student - other) ** 2) > 1e-6  # another λ would show
         # L_MXP against λ·onehot(y) + (1 − λ)·onehot(y[π])

@@ -103,6 +103,9 @@ class SourceTargetDataModule(L.LightningDataModule):
         cv_fold: The validation fold, in ``[0, cv_folds)``.
         resize_size, crop_size: Sizes of the per-image transform of file-based sets (SMILE,
             Section 4.0.2: resize to 256 x 256, crop 224).
+        keep_aspect: Resize the shorter side to ``resize_size`` instead of to a square (the
+            authors' code for CUB-200-2011; see
+            :func:`~lightning_stl.data.file_image_set.smile_transform`).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class SourceTargetDataModule(L.LightningDataModule):
         cv_fold: int | None = 0,
         resize_size: int = 256,
         crop_size: int = 224,
+        keep_aspect: bool = False,
     ):
         super().__init__()
         self.target_spec = get_dataset(target)
@@ -178,9 +182,10 @@ class SourceTargetDataModule(L.LightningDataModule):
         }
         self.num_workers = int(num_workers)
         self.transforms = {
-            train: smile_transform(train, resize_size, crop_size) for train in (True, False)
+            train: smile_transform(train, resize_size, crop_size, keep_aspect)
+            for train in (True, False)
         }
-        self.resize_size, self.crop_size = resize_size, crop_size
+        self.resize_size, self.crop_size, self.keep_aspect = resize_size, crop_size, keep_aspect
         self.train_domains: tuple[str, ...] = (TARGET, SOURCE) if source is not None else (TARGET,)
         self.epoch_basis = SOURCE if source is not None else TARGET
         self.train_sets: dict[str, AnySet] = {}

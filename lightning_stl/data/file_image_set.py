@@ -109,13 +109,21 @@ class FileImageSet:
         )
 
 
-def smile_transform(train: bool, resize_size: int = 256, crop_size: int = 224) -> T.Compose:
+def smile_transform(
+    train: bool, resize_size: int = 256, crop_size: int = 224, keep_aspect: bool = False
+) -> T.Compose:
     """The per-image transform of SMILE, Section 4.0.2.
 
     Training: ``Resize((resize, resize))`` → ``RandomCrop(crop)`` → ``RandomHorizontalFlip`` →
     ``ToTensor`` → ``Normalize`` (ImageNet mean and std). Evaluation: ``Resize((resize,
     resize))`` → ``CenterCrop(crop)`` → ``ToTensor`` → ``Normalize``. The output is a float
     tensor ``[3, crop, crop]``.
+
+    ``keep_aspect`` (the authors' code, ``utils.py`` ``transform_train``/``transform_test`` with
+    ``keep_aspect=true`` in ``task_config.ini``, set there for CUB-200-2011): ``Resize(resize)``
+    scales the shorter side to ``resize`` and keeps the aspect ratio, so the 224 x 224 crop
+    (random in training, central in evaluation) sees less of the longer side. The paper's text
+    says 256 x 256 for every data set.
     """
     for name, value in (("resize_size", resize_size), ("crop_size", crop_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -128,9 +136,13 @@ def smile_transform(train: bool, resize_size: int = 256, crop_size: int = 224) -
     crop: list[Callable] = (
         [T.RandomCrop(crop_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop_size)]
     )
+    if not isinstance(keep_aspect, bool):
+        raise ValueError(
+            f"data.keep_aspect={keep_aspect!r} is not allowed: it must be true or false"
+        )
     return T.Compose(
         [
-            T.Resize((resize_size, resize_size)),
+            T.Resize(resize_size if keep_aspect else (resize_size, resize_size)),
             *crop,
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

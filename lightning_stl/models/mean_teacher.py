@@ -10,7 +10,14 @@ the LightningModule, so it is saved in and restored from checkpoints with the st
 parameters never require gradients, it is never handed to the optimiser, it stays in eval mode
 (BatchNorm uses its running statistics) whatever ``.train()`` is called with, and its forward runs
 under ``torch.no_grad``. The update is fused: one ``torch._foreach_lerp_`` over all parameters and
-floating-point buffers (as timm's ``ModelEmaV3`` does), no Python loop over tensors.
+(by default) floating-point buffers (as timm's ``ModelEmaV3`` does), no Python loop over tensors.
+
+What is averaged: the paper does not say. By default the teacher averages parameters *and* the
+float buffers (BatchNorm's running mean and variance) and copies the integer ones, so its
+normalisation follows the student's. ``buffers=False`` averages ``named_parameters()`` only and
+leaves every buffer at its pre-trained value, as the authors' code does (``mean_teacher_update``
+in lixingjian/SMILE ``finetune.py`` loops over ``model_source.named_parameters()``): its teacher
+normalises with ImageNet's BatchNorm statistics for the whole run.
 """
 
 from __future__ import annotations
@@ -43,9 +50,14 @@ class MeanTeacher(nn.Module):
         return super().train(False)
 
     def _pairs(
-        self, backbone: nn.Module, classifier: nn.Module | None, include_classifier: bool
+        self,
+        backbone: nn.Module,
+        classifier: nn.Module | None,
+        include_classifier: bool,
+        buffers: bool = True,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """(teacher floats, student floats, teacher integer buffers, student integer buffers)."""
+        """(teacher floats, student floats, teacher integer buffers, student integer buffers);
+        with ``buffers=False`` parameters only (both buffer lists empty)."""
         modules = [(self.backbone, backbone)]
         if include_classifier and self.classifier is not None:
             if classifier is None:
@@ -53,8 +65,12 @@ class MeanTeacher(nn.Module):
             modules.append((self.classifier, classifier))
         ours, theirs, our_ints, their_ints = [], [], [], []
         for teacher, student in modules:
-            t_state = teacher.state_dict(keep_vars=True)
-            s_state = student.state_dict(keep_vars=True)
+            if buffers:
+                t_state = teacher.state_dict(keep_vars=True)
+                s_state = student.state_dict(keep_vars=True)
+            else:
+                t_state = dict(teacher.named_parameters())
+                s_state = dict(student.named_parameters())
             if t_state.keys() != s_state.keys():
                 raise ValueError("the student's modules no longer match the teacher's")
             for key, t_value in t_state.items():
@@ -80,11 +96,15 @@ class MeanTeacher(nn.Module):
         classifier: nn.Module | None,
         decay: float,
         include_classifier: bool = True,
+        buffers: bool = True,
     ) -> None:
         """θ_T ← decay·θ_T + (1 − decay)·θ_S over parameters and float buffers; integer buffers
         (BatchNorm's ``num_batches_tracked``) are copied. ``include_classifier=False`` keeps the
-        teacher's classifier at its pre-trained weights (the official code)."""
-        ours, theirs, our_ints, their_ints = self._pairs(backbone, classifier, include_classifier)
+        teacher's classifier at its pre-trained weights, ``buffers=False`` every buffer (BatchNorm
+        statistics) at its pre-trained value: the official code does both."""
+        ours, theirs, our_ints, their_ints = self._pairs(
+            backbone, classifier, include_classifier, buffers
+        )
         torch._foreach_lerp_(ours, theirs, 1.0 - decay)
         if our_ints:
             torch._foreach_copy_(our_ints, their_ints)

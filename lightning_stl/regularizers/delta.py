@@ -33,19 +33,34 @@ Differences to the authors' code (``github.com/lixingjian/DELTA``, ``channel_eva
 * the default layers are the modules of ``backbone.feature_info`` (stage outputs) instead of the
   last ``conv3`` of each ResNet stage (before its BatchNorm).
 
-The distance has two forms (``form``), both with α and β outside:
+The distance has three forms (``form``), all with α and β outside:
 
-============  ================================================================================
-``paper``     mean over the batch of Σ_j Σ_c W_{j,c} ‖ΔFM_{j,c}‖²₂ (‖·‖² summed over h, w): the
-              equation as printed, a per-image Ω averaged like the cross-entropy
-``official``  ½ · Σ_batch Σ_j Σ_c C_j · W_{j,c} · ‖ΔFM_{j,c}‖²₂ / (h·w): ``reg_att_fea_map`` of
-              the authors' code. C_j·W averages 1, so uniform attention is the plain squared
-              distance per pixel; it SUMS over the batch (the cross-entropy is a mean), so for a
-              batch of B it is B/2 times a batch mean
-============  ================================================================================
+==================  ==========================================================================
+``paper``           mean over the batch of Σ_j Σ_c W_{j,c} ‖ΔFM_{j,c}‖²₂ (‖·‖² summed over h,
+                    w): the equation as printed, a per-image Ω averaged like the cross-entropy
+``official``        ½ · Σ_batch Σ_j Σ_c C_j · W_{j,c} · ‖ΔFM_{j,c}‖²₂ / (h·w):
+                    ``reg_att_fea_map`` of the DELTA authors' code. C_j·W averages 1, so uniform
+                    attention is the plain squared distance per pixel; it SUMS over the batch
+                    (the cross-entropy is a mean), so for a batch of B it is B/2 times a batch
+                    mean
+``smile_official``  Σ_batch Σ_j Σ_c W_{j,c} · ‖ΔFM_{j,c}‖²₂ / (h·w): ``FinetuneDELTA.reg_delta``
+                    of SMILE's code (lixingjian/SMILE ``finetune.py``), which ran DELTA as a
+                    baseline on ResNet-50's ``layer4`` output only, without the head term; its
+                    per-data-set α (``alpha_delta`` of ``task_config.ini``) is meant for this
+                    form: use it with ``layers=[layer4]`` and ``beta=0``
+==================  ==========================================================================
 
-(SMILE's own code, which ran DELTA as a baseline, is yet another form: the last stage only,
-softmax(ΔL / 5) without standardisation, no C_j, ÷(h·w), summed over the batch, no head term.)
+SMILE's code reads its channel weights from ``attention_weight/<data set>.npy`` (four layers; it
+uses the last) as softmax(w / 5). The stored w are already standardised per layer (mean 0, std 1
+in every layer of the three files), so that is this module's ``channel_attention`` with T = 5:
+the same normalisation. Those files were made by DELTA's ``channel_eval.py`` on the data set's
+training set, zeroing filters of the last ``conv3`` of each stage of ImageNet's ResNet-50 (a
+perturbation of the residual branch only) after a classifier trained with SGD on augmented
+images; this module zeroes the stage's output channel after an L-BFGS probe on 128 drawn images
+of the run's training set (one protocol draw). The two estimates rank the channels by the same
+principle, the loss increase when the channel is lost, but they measure different perturbations
+on different images with different probes, so they should correlate, not agree to float
+precision; neither set of weights is copied into this project.
 
 The frozen model w⁰ is a deep copy of the backbone taken in :meth:`DELTA.setup`, right after the
 source model was loaded. It is not a sub-module: not in ``state_dict``, not moved by ``.to``
@@ -79,7 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _logger = logging.getLogger(__name__)
 
-FORMS = ("paper", "official")
+FORMS = ("paper", "official", "smile_official")
 #: Bump when the estimate changes, so that old cache files are not reused.
 CACHE_VERSION = 1
 #: The linear classifier of the channel estimate: weight decay (the official code's 1e-4) and
@@ -103,7 +118,8 @@ def attention_distance(
 
     ``student_maps[j]`` and ``frozen_maps[j]`` are the maps ``[B, C_j, h_j, w_j]`` of layer j,
     ``channel_weights[j]`` its weights ``[C_j]``. ``form="paper"``: ‖·‖² summed over h, w, mean
-    over the batch; ``form="official"``: C_j · W_{j,c} · ‖·‖² / (h·w), ½ · sum over the batch.
+    over the batch; ``form="official"``: C_j · W_{j,c} · ‖·‖² / (h·w), ½ · sum over the batch;
+    ``form="smile_official"``: W_{j,c} · ‖·‖² / (h·w), summed over the batch.
     The frozen maps are detached; the distance is computed in float32 (or wider).
     """
     _check_form(form)
@@ -131,11 +147,15 @@ def attention_distance(
         squared = (student.to(dtype) - frozen.detach().to(dtype)).pow(2).flatten(2).sum(2)
         if form == "official":
             squared = squared * (channels / (height * width))
+        elif form == "smile_official":
+            squared = squared / (height * width)
         per_image = (squared * weight.to(squared)).sum(1)  # [B]
         total = per_image if total is None else total + per_image
     if total is None:
         raise ValueError("DELTA needs at least one layer")
-    return total.mean() if form == "paper" else 0.5 * total.sum()
+    if form == "paper":
+        return total.mean()
+    return 0.5 * total.sum() if form == "official" else total.sum()
 
 
 def channel_attention(loss_increases: Sequence[Tensor], temperature: float = 5.0) -> list[Tensor]:
@@ -368,7 +388,8 @@ class DELTA(Regularizer):
             seed; all of them if the set is smaller; ``None``: all). Default 128, the official
             code's 4 batches of 32. The classifier is always fitted on the whole training set.
         temperature: T > 0 of softmax(z / T). Default 5, the official code's.
-        form: ``"paper"`` (default) or ``"official"``, see the module docstring.
+        form: ``"paper"`` (default), ``"official"`` (DELTA's code) or ``"smile_official"``
+            (SMILE's code), see the module docstring.
         device: Where the channel estimate runs (e.g. ``"cuda"``); ``None``: where the backbone
             is at :meth:`setup` (before the trainer moves it: usually the CPU).
 

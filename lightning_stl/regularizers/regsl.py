@@ -6,6 +6,11 @@ constraints (the :class:`~lightning_stl.callbacks.regsl_projection.RegSLProjecti
 + self-labelling, the two parts of which transform the cross-entropy of a batch of B images with
 logits z ``[B, K]``, probabilities p = softmax(z) and labels y ``[B]``:
 
+Epochs are counted from 1, as the official trainer does (``base_trainer.py``: ``start_epoch = 1``;
+``constraint_trainer.py``: ``if epoch >= self.correct_epoch`` and ``if epoch < self.adaptive_epoch``),
+so with the defaults re-weighting starts in the 5th epoch and label correction in the 10th.
+:meth:`RegSL.forward` turns Lightning's 0-based ``current_epoch`` into that count (``+ 1``).
+
 * label correction (:func:`correct_labels`), from epoch ``correct_epoch`` on: an image whose
   label the model contradicts with confidence above the threshold is relabelled,
 
@@ -17,8 +22,9 @@ logits z ``[B, K]``, probabilities p = softmax(z) and labels y ``[B]``:
       w_i = B · softmax(−ℓ / τ)_i   (weights detached, mean 1: low-loss images count more),
 
   the official code's Σ_i softmax(−ℓ/τ)_i ℓ_i written as a weighted mean. The temperature decays
-  as in the official code: τ(e) = τ₀ · max(0.5, exp(−0.1 · (e − reweight_epoch))) in epoch e
-  (:func:`reweight_temperature`; the official code applies the same formula one epoch later).
+  as in the official code, which sets ``temp = max(0.5, exp(−0.1·(e − A)))·τ₀`` at the end of
+  every epoch e > A = ``reweight_epoch``, so that epoch e trains with
+  τ(e) = τ₀ · max(0.5, exp(−0.1 · max(0, e − 1 − A)))  (:func:`reweight_temperature`).
 
 Defaults from the official code (github.com/VirtuosoResearch/Regularized-Self-Labeling, README
 commands): threshold 0.9, correct_epoch 10, reweight_epoch 5, τ₀ = 2 (of 30 epochs).
@@ -27,7 +33,7 @@ Difference from the official code: it keeps the corrected label of each training
 by the image's position in the data set) for the rest of training; this project's batches carry
 no image indices, so a correction holds for the step that made it, and the image is corrected
 again whenever the model is still that confident (it usually is: the same weights see it each
-epoch). Epochs are 0-based (``module.current_epoch``).
+epoch).
 
 Using it: :meth:`RegSL.supervised_loss` is the whole self-labelled cross-entropy. As a
 :class:`~lightning_stl.regularizers.base.Regularizer` in ``method.module.regularizers``,
@@ -80,10 +86,10 @@ def check_temperature(temperature: Any) -> float:
 def _check_epoch(name: str, epoch: Any) -> int | None:
     if epoch is None:
         return None
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
         raise ValueError(
-            f"RegSL {name}={epoch!r} is not allowed: it must be an epoch >= 0, or null to switch "
-            "the step off"
+            f"RegSL {name}={epoch!r} is not allowed: it must be an epoch >= 1 (counted from 1, as "
+            "the official code does), or null to switch the step off"
         )
     return epoch
 
@@ -107,8 +113,12 @@ def loss_weights(losses: Tensor, temperature: float) -> Tensor:
 
 
 def reweight_temperature(epoch: int, reweight_epoch: int, initial: float) -> float:
-    """τ(e) = τ₀ · max(0.5, exp(−0.1 · (e − reweight_epoch))) for e ≥ reweight_epoch (τ₀ before)."""
-    return initial * max(0.5, math.exp(-0.1 * max(0, epoch - reweight_epoch)))
+    """τ of the 1-based ``epoch``: τ₀ · max(0.5, exp(−0.1 · max(0, e − 1 − reweight_epoch))).
+
+    The official code updates τ at the end of each epoch e > reweight_epoch, for the next one: τ₀
+    in epochs up to reweight_epoch + 1, then decaying to τ₀/2.
+    """
+    return initial * max(0.5, math.exp(-0.1 * max(0, epoch - 1 - reweight_epoch)))
 
 
 class RegSL(Regularizer):
@@ -116,8 +126,9 @@ class RegSL(Regularizer):
 
     Args:
         threshold: Confidence above which a contradicted label is corrected, in (0, 1).
-        correct_epoch: First (0-based) epoch of label correction; ``None``: never.
-        reweight_epoch: First epoch of loss re-weighting; ``None``: never.
+        correct_epoch: First epoch of label correction, counted from 1 (the official code's
+            count); ``None``: never.
+        reweight_epoch: First epoch (from 1) of loss re-weighting; ``None``: never.
         temperature: τ₀ of the re-weighting, > 0.
     """
 
@@ -137,7 +148,7 @@ class RegSL(Regularizer):
         self.temperature = check_temperature(temperature)
 
     def self_label(self, logits: Tensor, labels: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
-        """``(labels [B], weights [B])`` to train on in ``epoch``: corrected labels (from
+        """``(labels [B], weights [B])`` to train on in the 1-based ``epoch``: corrected labels (from
         ``correct_epoch``) and per-image loss weights of mean 1 (all ones before
         ``reweight_epoch``)."""
         if self.correct_epoch is not None and epoch >= self.correct_epoch:
@@ -149,7 +160,8 @@ class RegSL(Regularizer):
         return labels, torch.ones(len(labels), dtype=logits.dtype, device=logits.device)
 
     def supervised_loss(self, logits: Tensor, labels: Tensor, epoch: int) -> Tensor:
-        """mean_i w_i · CE(z_i, ŷ_i): the self-labelled cross-entropy of logits ``[B, K]``."""
+        """mean_i w_i · CE(z_i, ŷ_i): the self-labelled cross-entropy of logits ``[B, K]`` in the
+        1-based ``epoch``."""
         labels, weights = self.self_label(logits, labels, epoch)
         return (weights * F.cross_entropy(logits, labels, reduction="none")).mean()
 
@@ -159,6 +171,6 @@ class RegSL(Regularizer):
                 "RegSL's self-labelling replaces the plain cross-entropy; it does not combine with "
                 "mixup: set method.module.mixup_alpha=null"
             )
-        epoch = int(module.current_epoch)
+        epoch = int(module.current_epoch) + 1  # the official trainer counts epochs from 1
         self_labelled = self.supervised_loss(step.logits, step.labels, epoch)
         return self_labelled - F.cross_entropy(step.logits, step.labels)

@@ -11,13 +11,22 @@ for the mix, which uses one λ and one shuffle π for everything):
 Each has the paper's form (the default) and the form of the authors' code (``form="official"``):
 
 ==========  ============================================  ============================================
-term        paper (default)                               official code
+term        paper (default)                               official code (lixingjian/SMILE)
 ==========  ============================================  ============================================
-L^FE        ‖g(B_m) − mix(g_T(B))‖²₂ on pooled features   ‖G(B_m) − mix(G_T(B))‖²_F / (h·w) on the
-            ``[B, F]``, mean over the batch                pre-pooling map ``G`` ``[B, C, h, w]``
+L^FE        ‖g(B_m) − mix(g_T(B))‖²₂ on pooled features   ‖G(B_m) − mix(G_T(B))‖_F / (h·w): the
+            ``[B, F]``, mean over the batch                Frobenius norm of the WHOLE batch's
+                                                          difference on the pre-pooling map ``G``
+                                                          ``[B, C, h, w]``, not squared and not
+                                                          averaged over the batch (``finetune.py``
+                                                          line 305: ``torch.norm(fm_src - fm_tgt)
+                                                          / (h * w)``)
 L^FC        ‖p'(B_m) − mix(p_T(B))‖²₂ on softmax outputs   −Σ_k mix(p_T(B))_k · log p'(B_m)_k (soft
             (Eq. 5: "softmax outputs in 1,000 dims")       cross-entropy), mean over the batch
 ==========  ============================================  ============================================
+
+The two L^FE forms differ in scale *and* in how the gradient depends on the batch: the official
+norm's gradient is D / (‖D‖_F · h·w), the paper form's 2·D_i / B per image, so γ_FE does not carry
+over from one form to the other (the official code uses γ_FE = 0.01, ``finetune.py`` line 294).
 
 The teacher's outputs never carry gradients (they are computed under ``torch.no_grad``).
 """
@@ -47,7 +56,8 @@ class FeatureMixupLoss(nn.Module):
     * ``form="paper"``: ``student`` = g(B_m) and ``teacher`` = g_T(B), both ``[B, F]`` (pooled);
       returns mean_i ‖student_i − mix(teacher)_i‖²₂.
     * ``form="official"``: both ``[B, C, h, w]`` (before pooling); returns
-      mean_i ‖student_i − mix(teacher)_i‖²_F / (h·w).
+      ‖student − mix(teacher)‖_F / (h·w), the Frobenius norm of the whole ``[B, C, h, w]``
+      difference (not squared, not a mean over the batch), as the authors' code computes it.
     """
 
     def __init__(self, form: str = "paper"):
@@ -66,14 +76,15 @@ class FeatureMixupLoss(nn.Module):
                 f"{tuple(teacher.shape)}"
             )
         expected = pairs.mix(teacher.detach())
-        squared = (student - expected).pow(2).flatten(1).sum(dim=1)
         if self.form == "official":
             if student.ndim != 4:
                 raise ValueError(
                     f"the official L_FE needs a feature map [B, C, h, w], got {tuple(student.shape)}"
                 )
-            squared = squared / (student.shape[2] * student.shape[3])
-        return squared.mean()
+            # torch.norm(fm_src.detach() - fm_tgt) / (h * w) of the authors' finetune.py
+            height, width = student.shape[2], student.shape[3]
+            return torch.linalg.vector_norm(student - expected) / (height * width)
+        return (student - expected).pow(2).flatten(1).sum(dim=1).mean()
 
 
 class LabelMixupLoss(nn.Module):
