@@ -78,6 +78,28 @@ def cell_overrides(
     return [*base, *setting, f"method={method}", *per_method, f"seed={seed}"]
 
 
+def previous_rows(path: Path, methods: list[str], exclude: list[str]) -> list[dict[str, Any]]:
+    """The rows of an earlier ``runs.csv`` of the profile's ``methods`` not in ``exclude``, with
+    numbers parsed and run folders absolute: the rows a run of ``--methods`` keeps in the table."""
+    if not path.exists():
+        return []
+    numbers = {"seed": int, "target_size": int, "best_step": int, "total_steps": int}
+    floats = ("test_acc", "best_val_acc", "wall_time_s")
+    rows = []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["method"] not in methods or row["method"] in exclude:
+                continue
+            parsed: dict[str, Any] = dict(row)
+            for key, kind in numbers.items():
+                parsed[key] = kind(row[key]) if row.get(key) else None
+            for key in floats:
+                parsed[key] = float(row[key]) if row.get(key) else None
+            parsed["run_dir"] = str(ROOT / row["run_dir"])
+            rows.append(parsed)
+    return rows
+
+
 def summarize(
     rows: list[dict[str, Any]], methods: list[str], settings: list[str]
 ) -> tuple[str, list[list[str]], dict[tuple[str, str], tuple[float, float, int]]]:
@@ -191,7 +213,11 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("LIGHTNING_STL_DATA", str(ROOT / "data")))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--methods", nargs="+", default=None, help="only these rows of the profile (default: all)"
+        "--methods",
+        nargs="+",
+        default=None,
+        help="run only these rows of the profile (default: all); the table keeps the other rows "
+        "of the runs.csv already in --out",
     )
     args = parser.parse_args()
     profile = load_profile(args.experiment, args.profile)
@@ -208,17 +234,20 @@ def main() -> None:
     ]
     if args.jobs > 1:
         base.append("torch_threads=1")  # parallel runs on a CPU share its cores
-    methods = list(profile["methods"])
+    methods = table_methods = list(profile["methods"])
+    kept: list[dict[str, Any]] = []
     if args.methods:
         unknown = sorted(set(args.methods) - set(methods))
         if unknown:
             raise SystemExit(f"--methods {unknown} are not in the profile: {', '.join(methods)}")
         methods = [m for m in methods if m in args.methods]
+        # the other rows of the table stay as an earlier reproduction left them
+        kept = previous_rows(out / "runs.csv", table_methods, exclude=methods)
     settings = {str(k): list(v) for k, v in profile["settings"].items()}
     seeds = [int(s) for s in profile["seeds"]]
     started = time.time()
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(kept)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         # One worker pre-trains the source model (cached) before the others start, so that they
         # do not queue on its lock. Nothing trains in this process: a fork after torch has
@@ -263,8 +292,8 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-                write_outputs(rows, methods, list(settings), out, args, seeds)
-    write_outputs(rows, methods, list(settings), out, args, seeds)
+                write_outputs(rows, table_methods, list(settings), out, args, seeds)
+    write_outputs(rows, table_methods, list(settings), out, args, seeds)
     print(f"done in {(time.time() - started) / 60:.1f} min -> {out}")
     print((out / "table.md").read_text())
 

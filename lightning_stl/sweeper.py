@@ -21,14 +21,16 @@ It is hydra-optuna-sweeper's ``OptunaSweeper`` (TPE by default, trials asked in 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,50 @@ log = logging.getLogger(__name__)
 WORKER_ATTR = "sweep_worker"
 STATUS_ATTR = "status"
 LAUNCHED = "launched"
+
+
+def open_study(
+    storage: str | None, study_name: str | None, sampler: Any, directions: list[Any]
+) -> optuna.Study:
+    """Create or load the study, one process at a time per SQLite file (see
+    :func:`_sqlite_setup_lock`); SQLite connections wait up to 120 s for the file's lock."""
+    with _sqlite_setup_lock(storage):
+        if isinstance(storage, str) and storage.startswith("sqlite"):
+            # several sweep processes on one SQLite file wait for its lock instead of failing
+            storage = optuna.storages.RDBStorage(
+                storage, engine_kwargs={"connect_args": {"timeout": 120}}
+            )
+        return optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler,
+            directions=directions,
+            load_if_exists=True,
+        )
+
+
+@contextlib.contextmanager
+def _sqlite_setup_lock(storage: Any) -> Iterator[None]:
+    """Hold ``<file>.lock`` while a sweep opens a SQLite study file (``sqlite:///path``).
+
+    Optuna creates the schema of a new file (tables, then an Alembic version stamp) in several
+    transactions; two sweeps started together on a new file both stamp it and one dies with
+    ``UNIQUE constraint failed: alembic_version.version_num``. SQLite's own lock does not cover
+    that sequence, so opening the study is serialised with a file lock beside the database; the
+    trials then run concurrently as before.
+    """
+    prefix = "sqlite:///"
+    if not isinstance(storage, str) or not storage.startswith(prefix) or storage == prefix:
+        yield
+        return
+    path = Path(storage[len(prefix) :].split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class DurableOptunaSweeperImpl(OptunaSweeperImpl):
@@ -151,19 +197,7 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         if len(directions) != 1:
             raise ValueError(f"this sweeper optimises one objective, got directions {directions}")
 
-        storage = self.storage
-        if isinstance(storage, str) and storage.startswith("sqlite"):
-            # several sweep processes on one SQLite file wait for its lock instead of failing
-            storage = optuna.storages.RDBStorage(
-                storage, engine_kwargs={"connect_args": {"timeout": 120}}
-            )
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=storage,
-            sampler=self.sampler,
-            directions=directions,
-            load_if_exists=True,
-        )
+        study = open_study(self.storage, self.study_name, self.sampler, directions)
         done = self._recover(study)
         if done:
             # A seeded sampler started again would propose the parameters it proposed before.

@@ -62,3 +62,41 @@ def test_mixing_weights_lie_in_the_unit_interval_and_are_reproducible():
     assert abs(float(a[0].mean()) - 0.5) < 0.05
     with pytest.raises(ValueError, match="alpha=0"):
         sample_mixing_weights(3, alpha=0)
+
+
+# ---------------------------------------------------------------------------- Beta(α, α) draws
+
+
+def _draws(alpha: float, seeded_generator: bool, n: int = 1000) -> np.ndarray:
+    """δ1, δ2, λ of ``sample_mixing_weights`` for ``n`` samples, pooled, as float64 numpy.
+
+    Not many more: the float32 draws of Beta(0.2, 0.2) put the ~2 % of its mass that lies within
+    6e-8 of 1 on one float (1 or 1 − 6e-8), a CDF step of ~0.02 that a KS test of ~10^4 samples
+    notices; 3,000 samples do not, and still reject the wrong α by p-values below 1e-20.
+    """
+    if seeded_generator:
+        weights = sample_mixing_weights(n, alpha, generator=torch.Generator().manual_seed(11))
+    else:
+        torch.manual_seed(11)
+        weights = sample_mixing_weights(n, alpha)
+    return torch.cat(weights).double().numpy()
+
+
+@pytest.mark.parametrize("seeded_generator", [False, True], ids=["global_rng", "generator"])
+@pytest.mark.parametrize("alpha", [0.2, 2.0])
+def test_mixing_weights_follow_beta_alpha_alpha(alpha, seeded_generator):
+    """δ1, δ2 and λ are Beta(α, α) for the α given: a KS test against scipy's Beta(α, α) accepts
+    them, and rejects them against the Beta of the other α and against the uniform Beta(1, 1)."""
+    from scipy import stats
+
+    draws = _draws(alpha, seeded_generator)
+    p_same = stats.kstest(draws, stats.beta(alpha, alpha).cdf).pvalue
+    assert p_same > 1e-3, f"draws for α={alpha} are not Beta({alpha}, {alpha}): KS p={p_same:.2e}"
+    other = 2.0 if alpha == 0.2 else 0.2
+    p_other = stats.kstest(draws, stats.beta(other, other).cdf).pvalue
+    assert p_other < 1e-10, f"draws for α={alpha} pass as Beta({other}, {other}): p={p_other:.2e}"
+    p_uniform = stats.kstest(draws, stats.uniform.cdf).pvalue
+    assert p_uniform < 1e-10, f"draws for α={alpha} pass as uniform: KS p={p_uniform:.2e}"
+    # each of the three is Beta(α, α) on its own (mean 1/2, variance 1 / (4(2α + 1)))
+    for part in draws.reshape(3, -1):
+        assert part.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.1)

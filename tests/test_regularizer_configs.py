@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 
 from lightning_stl.methods import FineTune
@@ -70,7 +73,17 @@ def test_delta_with_mixup_trains_end_to_end(make_cfg, tmp_path):
         f"pretraining.cache_dir={tmp_path / 'pre'}",
         "+method.regularizer_options.delta.num_images=32",
         f"+method.regularizer_options.delta.cache_dir={tmp_path / 'delta'}",
+        "trainer.log_every_n_steps=1",
     )
     metrics = train(cfg)
-    assert metrics["status"] == "ok" and metrics["test_acc"] is not None
+    assert metrics["total_steps"] == 6
+    # at every step the loss is the mixup cross-entropy plus DELTA's penalty (α, β inside it),
+    # and the penalty is there: a mixup that dropped it, or a DELTA that ignored mixup, shows
+    with (Path(cfg.paths.output_dir) / "csv" / "target" / "metrics.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["train/loss"]]
+    assert len(rows) == 6
+    for row in rows:
+        mixup, delta = float(row["train/loss_mixup"]), float(row["train/loss_delta"])
+        assert delta > 0 and mixup > 0
+        assert float(row["train/loss"]) == pytest.approx(mixup + delta, rel=1e-5)
     assert len(list((tmp_path / "delta").glob("*.pt"))) == 1  # channel weights cached

@@ -20,6 +20,8 @@ from omegaconf import open_dict
 from lightning_stl.data import DatasetNotFoundError
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.run import train
+from tests.checkpoint_accuracy import checkpoint_test_accuracy
+from tests.figure_pixels import AxesBox, assert_curve_through, colour_mask, read_rgb, vertical_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,15 @@ def test_main_entry_point_trains_tests_and_writes_its_files(tmp_path, run_cli):
     assert [r[1] for r in rows] == list(range(1, metrics["total_steps"] + 1))
     assert metrics["total_steps"] == 14
     assert 1 <= metrics["best_step"] <= 14 and metrics["best_step"] % 7 == 0
-    assert (run_dir / "target_weight.png").stat().st_size > 10_000
+    # the figure shows λ(t) of target_weight.csv (red, x from 0 to the last step, y from -0.03
+    # to 1.03) and the best-validation step (a dashed blue vertical line)
+    rgb = read_rgb(run_dir / "target_weight.png")
+    box = AxesBox.find(rgb)
+    xlim, ylim = (0, metrics["total_steps"]), (-0.03, 1.03)
+    curve = box.inside(colour_mask(rgb, "tab:red"))
+    assert_curve_through(curve, box, [(t, w) for _, t, w in rows], xlim, ylim)
+    (best_line,) = vertical_lines(colour_mask(rgb, "tab:blue"), box)
+    assert abs(best_line - box.column(metrics["best_step"], xlim)) <= 2
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "csv" / "joint" / "metrics.csv").exists()
 
@@ -167,11 +177,25 @@ def test_per_domain_checkpoint_round_trip(make_cfg):
     assert not torch.equal(norm.norm.running_mean, norm.source_running_mean)
 
 
-def test_same_seed_gives_the_same_metrics(make_cfg, tmp_path):
-    a = train(make_cfg(output_dir=tmp_path / "a"))
-    b = train(make_cfg(output_dir=tmp_path / "b"))
+def test_the_seed_alone_decides_the_run(make_cfg, tmp_path):
+    runs = {
+        name: train(make_cfg(*overrides, output_dir=tmp_path / name))
+        for name, overrides in (
+            ("a", []),
+            ("again", []),
+            ("seed1", ["seed=1", "data.subset_seed=0"]),  # the same N images, another seed
+        )
+    }
+    states = {name: final_state(tmp_path / name, "joint") for name in runs}
+    # the same seed, run again in the same process (whose random state the first run moved):
+    # the same weights, so the same metrics
+    assert [k for k in states["a"] if not torch.equal(states["a"][k], states["again"][k])] == []
     for key in ("best_val_acc", "best_step", "test_acc"):
-        assert a[key] == b[key]
+        assert runs["a"][key] == runs["again"][key]
+    # ... and it is the seed that makes them so: another seed, other initial weights and batch
+    # order, so other weights
+    weights = [k for k, v in states["a"].items() if v.is_floating_point()]
+    assert all(not torch.equal(states["a"][k], states["seed1"][k]) for k in weights)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
@@ -322,7 +346,7 @@ def test_a_diverging_run_stops_and_reports_a_finite_worst_value(make_cfg):
     )
 
 
-def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli):
+def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli, make_cfg):
     run_dir = tmp_path / "ddp"
     result = run_cli(
         "trainer=ddp",
@@ -330,8 +354,8 @@ def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli):
         "trainer.devices=2",
         "method=finetune",  # each stage leaves one head unused
         "data.source_options.num_images=400",
-        "epochs.source=2",
-        "epochs.target=2",
+        "epochs.source=6",  # enough steps for a model above chance: its accuracy tells
+        "epochs.target=4",  # checkpoints and test-set parts apart
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
     )
@@ -339,8 +363,15 @@ def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # source stage: 400 images / (128 per process x 2 processes) = 2 steps per epoch; target
     # stage: 50 images / (128 x 2) = 1 step per epoch
-    assert metrics["status"] == "ok" and metrics["total_steps"] == 2 * 2 + 2 * 1
-    assert metrics["test_acc"] is not None
+    assert metrics["status"] == "ok" and metrics["total_steps"] == 6 * 2 + 4 * 1
+    # the test accuracy is that of the best checkpoint over the whole test set, counted here in
+    # one process (not one process's share of the test images, nor another checkpoint's)
+    assert metrics["test_acc"] > 0.15  # above chance (0.1): the comparison tells runs apart
+    cfg = make_cfg("data.source_options.num_images=400", tiny=False)
+    best = metrics["stages"][-1]["best_model_path"]
+    assert metrics["test_acc"] == pytest.approx(
+        checkpoint_test_accuracy(cfg, best, SmoothTransfer), abs=1e-6
+    )
 
 
 def test_resuming_a_folder_of_other_settings_is_refused(make_cfg, tmp_path):

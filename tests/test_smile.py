@@ -6,6 +6,7 @@ end-to-end runs go through the Hydra entry point with tiny settings.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from lightning_stl.regularizers import (
     check_mixup_alpha,
 )
 from lightning_stl.run import train
+from tests.checkpoint_accuracy import checkpoint_test_accuracy
 
 
 @pytest.fixture(autouse=True)
@@ -596,6 +598,14 @@ def logged_columns(cfg) -> set[str]:
     return set(path.read_text().splitlines()[0].split(","))
 
 
+def logged_rows(cfg, column: str) -> list[dict[str, float]]:
+    """The rows of the fine-tuning's ``metrics.csv`` that logged ``column``, as numbers."""
+    path = Path(cfg.paths.output_dir) / "csv" / "target" / "metrics.csv"
+    with path.open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r[column]]
+    return [{k: float(v) for k, v in r.items() if v} for r in rows]
+
+
 def test_digits_smile_runs_and_a_second_run_reuses_the_cached_pretraining(
     make_cfg, tmp_path, caplog
 ):
@@ -640,7 +650,11 @@ def test_digits_smile_runs_and_a_second_run_reuses_the_cached_pretraining(
         output_dir=tmp_path / "mixup",
     )
     again = train(second)
-    assert again["method"] == "mixup" and again["test_acc"] is not None
+    assert again["method"] == "mixup" and again["total_steps"] == 6
+    # vanilla mixup: the mixup cross-entropy is the whole loss, no SMILE term
+    rows = logged_rows(second, "train/loss")
+    assert len(rows) == 6 and all(r["train/loss"] == r["train/loss_mixup"] for r in rows)
+    assert not {"train/loss_feature_mixup", "train/loss_label_mixup"} & logged_columns(second)
     assert pretrained_checkpoints(cache) == [source_ckpt]
     assert source_ckpt.stat().st_mtime_ns == mtime
     assert "source pre-training cached" in caplog.text
@@ -659,10 +673,21 @@ def test_digits_smile_runs_and_a_second_run_reuses_the_cached_pretraining(
 def test_official_form_and_ablations_run(make_cfg, shared_cache, method, logged, not_logged):
     cfg = make_cfg(*SMILE_TINY, f"pretraining.cache_dir={shared_cache}", f"method={method}")
     metrics = train(cfg)
-    assert metrics["method"] == method and metrics["status"] == "ok"
-    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert metrics["method"] == method and metrics["total_steps"] == 6
     columns = logged_columns(cfg)
     assert logged <= columns and not (not_logged & columns)
+    # at every step the loss is L^MXP + γ_FE·L^FE + γ_FC·L^FC with the method's γ: the ablated
+    # term is not added unlogged, the kept ones are positive
+    gamma = {
+        "train/loss_feature_mixup": cfg.method.module.feature_mixup_weight,
+        "train/loss_label_mixup": cfg.method.module.label_mixup_weight,
+    }
+    rows = logged_rows(cfg, "train/loss")
+    assert len(rows) == 6
+    for row in rows:
+        assert all(row[name] > 0 for name in logged)
+        expected = row["train/loss_mixup"] + sum(gamma[name] * row[name] for name in logged)
+        assert row["train/loss"] == pytest.approx(expected, rel=1e-5)
     state = final_state(cfg)
     (source_ckpt,) = pretrained_checkpoints(shared_cache)
     source = state_of(source_ckpt)
@@ -698,12 +723,19 @@ def test_a_teacher_with_decay_one_stays_the_pretrained_model(make_cfg, shared_ca
 
 
 def test_the_same_seed_gives_the_same_run_whether_the_pretraining_is_cached_or_not(
-    make_cfg, tmp_path
+    make_cfg, tmp_path, caplog
 ):
     cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="lightning_stl.run")
     fresh = make_cfg(*SMILE_TINY, f"pretraining.cache_dir={cache}", output_dir=tmp_path / "a")
     cached = make_cfg(*SMILE_TINY, f"pretraining.cache_dir={cache}", output_dir=tmp_path / "b")
-    a, b = train(fresh), train(cached)
+    a = train(fresh)
+    assert "pre-training on the source" in caplog.text
+    caplog.clear()
+    b = train(cached)
+    # two paths: the first run pre-trained in this process, the second only read the cache
+    assert "source pre-training cached" in caplog.text
+    assert "pre-training on the source" not in caplog.text
     state_a, state_b = final_state(fresh), final_state(cached)
     assert [k for k in state_a if not torch.equal(state_a[k], state_b[k])] == []
     assert a["test_acc"] == b["test_acc"]
@@ -728,4 +760,13 @@ def test_a_run_shorter_than_the_validation_period_is_still_tested(make_cfg, shar
     # digits_smile validates every 10 steps; a 6-step run must still validate and test a model
     assert cfg.val_every_n_steps > 6
     metrics = train(cfg)
-    assert metrics["status"] == "ok" and metrics["test_acc"] is not None
+    # one validation, of the final model (after step 6), and that checkpoint is the one tested
+    (validation,) = logged_rows(cfg, "val/acc")
+    assert validation["step"] == 5  # Lightning's 0-based step of the 6th optimiser step
+    assert metrics["best_val_acc"] == pytest.approx(validation["val/acc"], abs=1e-7)
+    best = metrics["stages"][-1]["best_model_path"]
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 6
+    assert metrics["best_step"] == 6
+    assert metrics["test_acc"] == pytest.approx(
+        checkpoint_test_accuracy(cfg, best, FineTune), abs=1e-6
+    )

@@ -318,14 +318,33 @@ def offline(monkeypatch) -> list[dict]:
 
 
 def test_a_given_file_wins_over_timm_weights_without_touching_the_network(
-    make_cfg, tmp_path, offline
+    make_cfg, tmp_path, offline, monkeypatch
 ):
     path, _ = digits_source(tmp_path)
     cfg = make_cfg("method=smile", f"backbone.weights={path}", "backbone.pretrained=true")
     source = resolve_source_model(cfg, None)
     assert source.num_classes == 10 and str(path) in source.origin
+    started: list[dict[str, torch.Tensor]] = []
+    original = FineTune.load_source_model
+
+    def remember(self, source):
+        original(self, source)
+        state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        state.update({f"source_head.{k}": v for k, v in self.source_head.state_dict().items()})
+        started.append({k: v.detach().clone() for k, v in state.items()})
+
+    monkeypatch.setattr(FineTune, "load_source_model", remember)
     metrics = train(cfg)
-    assert metrics["status"] == "ok" and metrics["test_acc"] is not None
+    assert metrics["total_steps"] == 2  # the run trained, offline
+    # it started from the file as saved: its backbone, and its classifier as the auxiliary head
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {
+        (f"source_head.{k[3:]}" if k.startswith("fc.") else f"backbone.{k}"): v
+        for k, v in saved.items()
+    }
+    (start,) = started
+    assert start.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(start[k], expected[k])] == []
     assert offline and not any(call["pretrained"] for call in offline)
 
 

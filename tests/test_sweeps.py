@@ -132,6 +132,57 @@ def test_two_sweep_processes_share_one_study(tmp_path, subprocess_env):
     assert len({t.number for t in trials}) == 4
 
 
+OPEN_AT_ONCE = """
+import multiprocessing as mp
+import sys
+
+import optuna
+
+from lightning_stl.sweeper import open_study
+
+
+def open_one(url, barrier, results):
+    barrier.wait()  # every process opens the new file at the same moment
+    try:
+        open_study(url, "race", optuna.samplers.RandomSampler(), ["maximize"])
+        results.put("ok")
+    except Exception as error:
+        results.put(type(error).__name__)
+
+
+if __name__ == "__main__":
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    ctx = mp.get_context("fork")  # a fresh interpreter without torch: safe to fork
+    for attempt in range(int(sys.argv[2])):
+        url = f"sqlite:///{sys.argv[1]}/new{attempt}.db"
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        workers = [ctx.Process(target=open_one, args=(url, barrier, results)) for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        print(" ".join(sorted(results.get() for _ in workers)))
+"""
+
+
+def test_sweeps_started_together_on_a_new_sqlite_file_all_open_the_study(tmp_path):
+    """Optuna stamps a new file's schema in several transactions: without the set-up lock two of
+    six processes opening it at once die with IntegrityError / OperationalError."""
+    script = tmp_path / "open_at_once.py"
+    script.write_text(OPEN_AT_ONCE)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == [" ".join(["ok"] * 6)] * 3, result.stdout
+    for attempt in range(3):
+        assert len(load(f"sqlite:///{tmp_path}/new{attempt}.db", "race").trials) == 0
+
+
 def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, run_cli):
     result = run_cli(
         *sweep_args(
