@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from reproduce_table1 import train_cell  # one way to run a cell, shared with Table 1
+from reproduce_table1 import cell_result, train_cell  # one way to run a cell, shared with Table 1
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
@@ -65,7 +65,21 @@ def load_profile(experiment: str, profile: str) -> dict[str, Any]:
             f"unknown PROFILE={profile!r} for {experiment}; "
             f"choose one of {', '.join(profiles[experiment])}"
         )
-    return profiles[experiment][profile]
+    chosen = profiles[experiment][profile]
+    overrides = chosen.get("method_overrides") or {}
+    stray = sorted(set(overrides) - set(chosen["methods"]))
+    if stray:
+        raise SystemExit(
+            f"{experiment}/{profile}: method_overrides of {stray} name no method of the profile "
+            f"({', '.join(chosen['methods'])})"
+        )
+    for method, values in overrides.items():
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise SystemExit(
+                f"{experiment}/{profile}: method_overrides.{method}={values!r} is not allowed: "
+                "it must be a list of Hydra overrides (strings)"
+            )
+    return chosen
 
 
 def cell_overrides(
@@ -78,9 +92,16 @@ def cell_overrides(
     return [*base, *setting, f"method={method}", *per_method, f"seed={seed}"]
 
 
-def previous_rows(path: Path, methods: list[str], exclude: list[str]) -> list[dict[str, Any]]:
-    """The rows of an earlier ``runs.csv`` of the profile's ``methods`` not in ``exclude``, with
-    numbers parsed and run folders absolute: the rows a run of ``--methods`` keeps in the table."""
+def previous_rows(
+    path: Path,
+    methods: list[str],
+    exclude: list[str],
+    settings: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows of an earlier ``runs.csv`` of the profile's ``methods`` not in ``exclude`` (and of
+    its ``settings`` and ``seeds``), with numbers parsed and run folders absolute: the rows a run
+    of ``--methods`` keeps in the table."""
     if not path.exists():
         return []
     numbers = {"seed": int, "target_size": int, "best_step": int, "total_steps": int}
@@ -89,6 +110,10 @@ def previous_rows(path: Path, methods: list[str], exclude: list[str]) -> list[di
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             if row["method"] not in methods or row["method"] in exclude:
+                continue
+            if settings is not None and row["setting"] not in settings:
+                continue
+            if seeds is not None and int(row["seed"]) not in seeds:
                 continue
             parsed: dict[str, Any] = dict(row)
             for key, kind in numbers.items():
@@ -217,7 +242,8 @@ def main() -> None:
         nargs="+",
         default=None,
         help="run only these rows of the profile (default: all); the table keeps the other rows "
-        "of the runs.csv already in --out",
+        "of the runs.csv already in --out. A finished run is never trained again: after a change "
+        "of the code, delete the rows' run folders under --work to remake them",
     )
     args = parser.parse_args()
     profile = load_profile(args.experiment, args.profile)
@@ -242,7 +268,13 @@ def main() -> None:
             raise SystemExit(f"--methods {unknown} are not in the profile: {', '.join(methods)}")
         methods = [m for m in methods if m in args.methods]
         # the other rows of the table stay as an earlier reproduction left them
-        kept = previous_rows(out / "runs.csv", table_methods, exclude=methods)
+        kept = previous_rows(
+            out / "runs.csv",
+            table_methods,
+            exclude=methods,
+            settings=[str(k) for k in profile["settings"]],
+            seeds=[int(s) for s in profile["seeds"]],
+        )
     settings = {str(k): list(v) for k, v in profile["settings"].items()}
     seeds = [int(s) for s in profile["seeds"]]
     started = time.time()
@@ -253,12 +285,13 @@ def main() -> None:
         # do not queue on its lock. Nothing trains in this process: a fork after torch has
         # started its OpenMP threads can hang the workers.
         first_setting, first = next(iter(settings.items()))
-        pool.submit(
+        first_job = pool.submit(
             train_cell,
             cell_overrides(profile, methods[0], first, seeds[0], base),
             str(work / methods[0] / _slug(first_setting) / f"seed{seeds[0]}"),
             args.data,
-        ).result()
+        )
+        cell_result(first_job)
         for setting, overrides in settings.items():
             for method in methods:
                 jobs = []
@@ -269,7 +302,7 @@ def main() -> None:
                         (seed, run_dir, pool.submit(train_cell, cell, str(run_dir), args.data))
                     )
                 for seed, run_dir, job in jobs:
-                    metrics = job.result()
+                    metrics = cell_result(job)
                     rows.append(
                         {
                             "method": method,

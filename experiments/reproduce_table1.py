@@ -59,13 +59,28 @@ def load_profile(experiment: str, profile: str) -> dict[str, Any]:
 
 
 def train_cell(overrides: list[str], run_dir: str, data_dir: str) -> dict[str, Any]:
-    """One training run in this process (a pool worker keeps its imports between runs)."""
+    """One training run in this process (a pool worker keeps its imports between runs).
+
+    A run folder that already holds a finished run of the same settings is read, not trained
+    again; one that holds a run of other settings (e.g. a profile's overrides changed since) is
+    refused with the folder and the settings that differ, never reused silently.
+    """
+    from lightning_stl.run import check_same_run, compose_config, train
+
+    cfg = compose_config(overrides, run_dir, data_dir)
     metrics_file = Path(run_dir) / "metrics.json"
     if metrics_file.exists():
+        check_same_run(Path(run_dir), cfg)
         return json.loads(metrics_file.read_text())
-    from lightning_stl.run import compose_config, train
+    return train(cfg)
 
-    return train(compose_config(overrides, run_dir, data_dir))
+
+def cell_result(job: Any) -> dict[str, Any]:
+    """``job.result()``; a refused run folder stops the driver with its one-line message."""
+    try:
+        return job.result()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def run_search(
@@ -262,7 +277,7 @@ def main() -> None:
                         )
                     )
                 for seed, run_dir, job in jobs:
-                    metrics = job.result()
+                    metrics = cell_result(job)
                     rows.append(
                         {
                             "method": method,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -82,11 +82,17 @@ def _sqlite_setup_lock(storage: Any) -> Iterator[None]:
     that sequence, so opening the study is serialised with a file lock beside the database; the
     trials then run concurrently as before.
     """
-    prefix = "sqlite:///"
-    if not isinstance(storage, str) or not storage.startswith(prefix) or storage == prefix:
-        yield
+    database = None
+    if isinstance(storage, str):
+        url = sqlalchemy.engine.make_url(storage)
+        if url.get_backend_name() == "sqlite":
+            database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield  # another database, or an in-memory one: nothing to share
         return
-    path = Path(storage[len(prefix) :].split("?", 1)[0])
+    import fcntl  # POSIX; imported here so that the sweeper imports everywhere
+
+    path = Path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -67,27 +67,27 @@ def test_supervised_loss_far_into_training_is_the_reweighted_cross_entropy(initi
 
 
 def test_supervised_loss_at_a_hand_computed_temperature():
-    """Some epochs after the start, τ = τ₀·max(0.5, exp(−0.1·k)) with k epochs since the start
-    (k = e − start under 0-based counting; the 1-based counting of the official code shifts k by
-    one, so both neighbours are accepted; none of them is confused with a multiplied τ)."""
+    """In the 1-based epoch e the official trainer re-weights with τ = τ₀·max(0.5, exp(−0.1·k)),
+    k = e − 1 − A (A = reweight_epoch): τ is lowered at the end of each epoch after the A-th. For
+    e = 5, A = 2 that is k = 2; a multiplied τ would give another loss."""
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(7, 4)) * 3.0
     labels = rng.integers(0, 4, size=7)
     regsl = RegSL(correct_epoch=None, reweight_epoch=2, temperature=2.0)
     loss = regsl.supervised_loss(torch.from_numpy(logits), torch.from_numpy(labels), epoch=5)
     per_image = np_per_image_ce(logits, labels)
-    candidates = {  # k = 3 (0-based epoch counting) or one off (1-based)
-        k: float(np.mean(np_weights(per_image, 2.0 * max(0.5, np.exp(-0.1 * k))) * per_image))
-        for k in (2, 3, 4)
-    }
-    assert any(loss.item() == pytest.approx(v, rel=1e-10) for v in candidates.values()), (
-        f"supervised_loss={loss.item():.8f}; expected one of {candidates}"
+    tau = 2.0 * max(0.5, np.exp(-0.1 * 2))
+    expected = float(np.mean(np_weights(per_image, tau) * per_image))
+    neighbours = [
+        float(np.mean(np_weights(per_image, 2.0 * max(0.5, np.exp(-0.1 * k))) * per_image))
+        for k in (1, 3)
+    ]
+    wrong = float(np.mean(np_weights(per_image, 1 / tau) * per_image))
+    assert all(abs(expected - v) > 1e-4 for v in [*neighbours, wrong])  # the check can tell them
+    assert loss.item() == pytest.approx(expected, rel=1e-10), (
+        f"supervised_loss={loss.item():.8f}; τ={tau:.6f} (k = 2) gives {expected:.8f}, "
+        f"k = 1 or 3 give {neighbours}, a multiplied τ {wrong:.8f}"
     )
-    wrong = {  # the same temperatures multiplied instead of divided
-        k: float(np.mean(np_weights(per_image, 1 / (2.0 * max(0.5, np.exp(-0.1 * k)))) * per_image))
-        for k in (2, 3, 4)
-    }
-    assert all(abs(v - w) > 1e-4 for v in candidates.values() for w in wrong.values())
 
 
 def test_before_reweighting_every_image_counts_the_same():

@@ -541,14 +541,19 @@ def test_regsl_turns_fine_tunes_cross_entropy_into_the_self_labelled_loss():
     ce = F.cross_entropy(logits, labels)
     # the first epoch (current_epoch 0): plain cross-entropy, no correction
     torch.testing.assert_close(regsl(step, SimpleNamespace(current_epoch=0)), torch.tensor(0.0))
-    # the 4th epoch (current_epoch 3): corrected labels, re-weighted losses
-    corrected, changed = correct_labels(logits, labels, 0.6)
-    assert changed.any()
-    losses = F.cross_entropy(logits, corrected, reduction="none")
-    temperature = reweight_temperature(4, 2, 1.0)
-    expected = (loss_weights(losses, temperature) * losses).mean()
+    # the 4th epoch (current_epoch 3): corrected labels, re-weighted losses, in numpy
+    z = logits.double().numpy()
+    log_p = z - z.max(1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+    p = np.exp(log_p)
+    flipped = (p.max(1) > 0.6) & (p.argmax(1) != labels.numpy())
+    assert flipped.any()
+    corrected = np.where(flipped, p.argmax(1), labels.numpy())
+    losses = -log_p[np.arange(8), corrected]
+    temperature = 1.0 * max(0.5, math.exp(-0.1 * (4 - 1 - 2)))  # lowered once, after epoch 3
+    weights = 8 * np.exp(-losses / temperature) / np.exp(-losses / temperature).sum()
     total = ce + regsl(step, SimpleNamespace(current_epoch=3))
-    torch.testing.assert_close(total, expected)
+    assert total.item() == pytest.approx(float(np.mean(weights * losses)), rel=1e-5)
     with pytest.raises(ValueError, match="mixup_alpha=null"):
         pairs = MixupPairs(0.5, torch.arange(8))
         regsl(FineTuneStep(x, x, labels, None, x, logits, pairs), SimpleNamespace(current_epoch=0))

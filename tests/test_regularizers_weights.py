@@ -476,3 +476,26 @@ def test_method_configs_compose_with_the_papers_defaults(make_cfg, method: str, 
     assert regularizer.name == method
     for key, value in expected.items():
         assert getattr(regularizer, key) == value
+
+
+def test_delta_cache_key_follows_the_images_transform(tmp_path):
+    """File-based sets are decoded through the evaluation transform before the channel estimate:
+    a DataModule that resizes otherwise (keep_aspect, resize, crop) gets its own cache file."""
+    delta = DELTA(cache_dir=str(tmp_path))
+    delta.attach(TinyNet())
+    files = SimpleNamespace(
+        labels=torch.tensor([0, 1, 1]), files=np.array(["a.jpg", "b.jpg", "c.jpg"])
+    )
+
+    def datamodule(**transform):
+        options = {"resize_size": 256, "crop_size": 224, "keep_aspect": False, **transform}
+        return SimpleNamespace(train_sets={"target": files}, **options)
+
+    square = delta.cache_path(datamodule(), 5)
+    assert delta.cache_path(datamodule(), 5) == square
+    others = {
+        delta.cache_path(datamodule(keep_aspect=True), 5),
+        delta.cache_path(datamodule(resize_size=288), 5),
+        delta.cache_path(datamodule(crop_size=192), 5),
+    }
+    assert square not in others and len(others) == 3

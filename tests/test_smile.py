@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import timm
@@ -20,7 +21,9 @@ from scipy import stats
 from torch import nn
 
 import lightning_stl.methods.finetune as finetune_module
+import lightning_stl.run as run_module
 from lightning_stl.methods import FineTune
+from lightning_stl.models import create_backbone
 from lightning_stl.regularizers import (
     FeatureMixupLoss,
     LabelMixupLoss,
@@ -694,10 +697,60 @@ def test_official_form_and_ablations_run(make_cfg, shared_cache, method, logged,
     if method == "smile_no_fc":
         assert not any(k.startswith(("source_head.", "teacher.classifier.")) for k in state)
     if method == "smile_official":
-        # the teacher moves every 10 steps: after 6 it is still the pre-trained model
+        # updates inside steps 0, 10...: step 0's is a no-op (the student is the teacher), so
+        # after 6 steps the teacher is still the pre-trained model
         for k, v in state.items():
             if k.startswith("teacher.backbone."):
                 assert torch.equal(v, source["model." + k[len("teacher.") :]]), k
+
+
+class EndState(L.Callback):
+    """The module's state when ``fit`` ends (``last.ckpt`` may hold an earlier best step)."""
+
+    state: dict[str, torch.Tensor] = {}
+
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+@pytest.mark.parametrize("steps", [10, 12])
+def test_the_official_teacher_moves_inside_step_10_and_keeps_the_pretrained_statistics(
+    make_cfg, shared_cache, monkeypatch, steps
+):
+    """``smile_official`` in a real run: after 10 steps (updates inside steps 0..9: only step 0's,
+    a no-op) the teacher is exactly the pre-trained model; after 12, one update with decay 0.999
+    happened (inside step 10), of the parameters only: the BatchNorm statistics stay the source's
+    while the student's moved."""
+    end = EndState()
+    original = run_module._callbacks
+    monkeypatch.setattr(run_module, "_callbacks", lambda *args: [*original(*args), end])
+    cfg = make_cfg(
+        *SMILE_TINY,
+        f"pretraining.cache_dir={shared_cache}",
+        "method=smile_official",
+        f"steps.finetune={steps}",
+    )
+    assert train(cfg)["total_steps"] == steps
+    (source_ckpt,) = pretrained_checkpoints(shared_cache)
+    source = state_of(source_ckpt)
+    parameters = {n for n, _ in create_backbone("digits_cnn", in_chans=1).named_parameters()}
+    moved, travelled = 0.0, 0.0
+    for key, teacher in end.state.items():
+        if not key.startswith("teacher.backbone."):
+            continue
+        name = key[len("teacher.backbone.") :]
+        pretrained, student = source[f"model.backbone.{name}"], end.state[f"backbone.{name}"]
+        if name not in parameters:  # running statistics and counters: never averaged
+            assert torch.equal(teacher, pretrained), key
+            if name.endswith("running_mean"):
+                assert not torch.equal(student, pretrained), key
+            continue
+        if steps == 10:
+            assert torch.equal(teacher, pretrained), key
+        moved += float((teacher.double() - pretrained.double()).pow(2).sum())
+        travelled += float((student.double() - pretrained.double()).pow(2).sum())
+    if steps == 12:  # ≈ 0.001 of the way to the student before step 10 (the student of step 12)
+        assert 0.0005 < (moved / travelled) ** 0.5 < 0.0015
 
 
 def test_a_teacher_with_decay_one_stays_the_pretrained_model(make_cfg, shared_cache):

@@ -222,8 +222,8 @@ def test_reproduce_smile_writes_table_and_chart_and_resumes(tmp_path, data_dir):
 
 
 def test_rerunning_some_methods_keeps_the_other_rows_of_the_table(tmp_path, monkeypatch):
-    """`reproduce_smile.py --methods regsl` (e.g. after a fix of RegSL) re-makes that row only:
-    the table keeps the other methods' runs from the runs.csv already written."""
+    """`reproduce_smile.py --methods regsl` runs that row only: the table keeps the other
+    methods' runs of the profile's settings and seeds from the runs.csv already written."""
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     import reproduce_smile
 
@@ -235,8 +235,12 @@ def test_rerunning_some_methods_keeps_the_other_rows_of_the_table(tmp_path, monk
         "mixup,N=10,1,10,0.85,0.9,120,600,21.5,outputs/smile/mixup/N_10/seed1\n"
         "regsl,N=10,0,10,0.10,0.1,10,600,22.5,outputs/smile/regsl/N_10/seed0\n"
         "dropped,N=10,0,10,0.99,0.99,10,600,1.0,outputs/smile/dropped/N_10/seed0\n"
+        "mixup,N=99,0,99,0.99,0.99,10,600,1.0,outputs/smile/mixup/N_99/seed0\n"
+        "mixup,N=10,7,10,0.99,0.99,10,600,1.0,outputs/smile/mixup/N_10/seed7\n"
     )
-    kept = reproduce_smile.previous_rows(path, ["mixup", "regsl"], exclude=["regsl"])
+    kept = reproduce_smile.previous_rows(
+        path, ["mixup", "regsl"], exclude=["regsl"], settings=["N=10"], seeds=[0, 1]
+    )
     assert [(r["method"], r["seed"], r["test_acc"], r["best_step"]) for r in kept] == [
         ("mixup", 0, 0.75, 110),
         ("mixup", 1, 0.85, 120),
@@ -248,3 +252,46 @@ def test_rerunning_some_methods_keeps_the_other_rows_of_the_table(tmp_path, monk
     assert stats["regsl", "N=10"][0] == pytest.approx(50.0)
     assert "| **80.00 ± 7.07** |" in markdown and "| 50.00 ± 0.00 |" in markdown
     assert reproduce_smile.previous_rows(tmp_path / "absent.csv", ["mixup"], []) == []
+    assert len(reproduce_smile.previous_rows(path, ["mixup"], [])) == 4  # no filter: every row
+
+
+def test_a_finished_cell_of_other_settings_is_refused_not_reused(tmp_path, data_dir, monkeypatch):
+    """A run folder whose metrics.json was made with other overrides (e.g. before a profile's
+    method_overrides changed) stops the driver with the folder and the settings that differ."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import reproduce_table1
+
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"test_acc": 0.5}))
+    base = ["+experiment=digits_smile", "method=l2sp"]
+    assert reproduce_table1.train_cell(base, str(run_dir), str(data_dir)) == {"test_acc": 0.5}
+    changed = [*base, "++method.regularizer_options.l2sp.alpha=0.001"]
+    with pytest.raises(ValueError, match=r"cell holds a run with other settings of method"):
+        reproduce_table1.train_cell(changed, str(run_dir), str(data_dir))
+
+    class Refused:
+        def result(self):
+            return reproduce_table1.train_cell(changed, str(run_dir), str(data_dir))
+
+    with pytest.raises(SystemExit, match=r"^error: .*other settings of method"):
+        reproduce_table1.cell_result(Refused())
+
+
+def test_method_overrides_must_name_methods_of_the_profile(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import reproduce_smile
+
+    profiles = {
+        "x": {
+            "typo": {"methods": ["l2sp"], "method_overrides": {"l2_sp": ["a=1"]}},
+            "string": {"methods": ["l2sp"], "method_overrides": {"l2sp": "a=1"}},
+        }
+    }
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "smile_profiles.yaml").write_text(json.dumps(profiles))
+    monkeypatch.setattr(reproduce_smile, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"method_overrides of \['l2_sp'\] name no method"):
+        reproduce_smile.load_profile("x", "typo")
+    with pytest.raises(SystemExit, match=r"method_overrides.l2sp='a=1' is not allowed"):
+        reproduce_smile.load_profile("x", "string")

@@ -8,6 +8,7 @@ on the clean batch:
     L^FE = mean_i ‖g(B_m)_i − (λ g_T(B)_i + (1 − λ) g_T(B)_{π(i)})‖²
     L^FC = mean_i ‖softmax(z'(B_m))_i − mix(softmax(z_T(B)))_i‖²      (paper form)
     L^FC = mean_i −Σ_k mix(softmax(z_T(B)))_ik log softmax(z'(B_m))_ik  (official form)
+    L^FE = ‖G(B_m) − mix(G_T(B))‖_F / (h·w) on the whole batch's maps       (official form)
 
 Using the student's own backbone or source head in place of the teacher gives other values.
 """
@@ -56,6 +57,13 @@ def np_pooled(backbone: nn.Module, x: np.ndarray) -> np.ndarray:
     return np.tanh(np.einsum("fc,bchw->bf", w, x) / (x.shape[2] * x.shape[3]) + b)
 
 
+def np_feature_map(backbone: nn.Module, x: np.ndarray) -> np.ndarray:
+    """W x + b per pixel of a :class:`TanhPoolBackbone`, ``[B, F, h, w]`` (before pooling)."""
+    w = backbone.proj.weight.detach().numpy()[:, :, 0, 0]
+    b = backbone.proj.bias.detach().numpy()
+    return np.einsum("fc,bchw->bfhw", w, x) + b[None, :, None, None]
+
+
 def np_linear(layer: nn.Linear, features: np.ndarray) -> np.ndarray:
     return features @ layer.weight.detach().numpy().T + layer.bias.detach().numpy()
 
@@ -70,11 +78,19 @@ def np_mix(u: np.ndarray) -> np.ndarray:
     return np.stack([WEIGHT * u[i] + (1 - WEIGHT) * u[PERM[i]] for i in range(len(u))])
 
 
-def hand_losses(student, teacher_backbone, teacher_head, x: np.ndarray, fc_form: str):
+def hand_losses(
+    student, teacher_backbone, teacher_head, x: np.ndarray, fc_form: str, fe_form: str = "paper"
+):
     """(L^FE, L^FC) of the student on B_m against the given teacher modules on B."""
     pooled = np_pooled(student.backbone, np_mix(x))  # g(B_m)
     teacher_pooled = np_pooled(teacher_backbone, x)  # g_T(B), the clean batch
-    fe = np.mean([((pooled[i] - np_mix(teacher_pooled)[i]) ** 2).sum() for i in range(len(x))])
+    if fe_form == "paper":
+        fe = np.mean([((pooled[i] - np_mix(teacher_pooled)[i]) ** 2).sum() for i in range(len(x))])
+    else:  # the authors' torch.norm(mix(G_T(B)) − G(B_m)) / (h·w) over the whole batch
+        difference = np_feature_map(student.backbone, np_mix(x)) - np_mix(
+            np_feature_map(teacher_backbone, x)
+        )
+        fe = np.sqrt((difference**2).sum()) / (x.shape[2] * x.shape[3])
     student_log_p = np_log_softmax(np_linear(student.source_head, pooled))
     target_p = np_mix(np.exp(np_log_softmax(np_linear(teacher_head, teacher_pooled))))
     if fc_form == "paper":
@@ -87,7 +103,7 @@ def hand_losses(student, teacher_backbone, teacher_head, x: np.ndarray, fc_form:
 # ------------------------------------------------------------------ the module
 
 
-def smile_module(monkeypatch, fc_form: str) -> FineTune:
+def smile_module(monkeypatch, fc_form: str, fe_form: str = "paper") -> FineTune:
     """A SMILE FineTune started from a source model, whose teacher then drifts from the student."""
     monkeypatch.setattr(
         finetune_module,
@@ -103,7 +119,7 @@ def smile_module(monkeypatch, fc_form: str) -> FineTune:
         mixup_alpha=0.5,
         feature_mixup_weight=0.3,
         label_mixup_weight=0.7,
-        feature_mixup_form="paper",
+        feature_mixup_form=fe_form,
         label_mixup_form=fc_form,
     )
     source_backbone = TanhPoolBackbone(1)
@@ -139,12 +155,12 @@ def fixed_draw(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("fc_form", ["paper", "official"])
-def test_feature_and_label_mixup_use_the_teacher_on_the_clean_batch(
-    monkeypatch, fixed_draw, fc_form
-):
-    """L^FE and L^FC equal the numpy values against the teacher, not against the student."""
-    module = smile_module(monkeypatch, fc_form)
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_feature_and_label_mixup_use_the_teacher_on_the_clean_batch(monkeypatch, fixed_draw, form):
+    """L^FE and L^FC equal the numpy values against the teacher, not against the student, in
+    the paper's forms and in the authors' code's (L^FE on the whole batch's feature maps)."""
+    fc_form = form
+    module = smile_module(monkeypatch, fc_form, fe_form=form)
     teacher = module.teacher
     # the perturbed teacher really is another network than the student
     assert not torch.allclose(teacher.backbone.proj.weight, module.backbone.proj.weight)
@@ -156,8 +172,10 @@ def test_feature_and_label_mixup_use_the_teacher_on_the_clean_batch(
     loss, parts = module.training_loss(torch.from_numpy(x), torch.from_numpy(y))
     assert fixed_draw == [6]
 
-    fe, fc = hand_losses(module, teacher.backbone, teacher.classifier, x, fc_form)
-    fe_student, fc_student = hand_losses(module, module.backbone, module.source_head, x, fc_form)
+    fe, fc = hand_losses(module, teacher.backbone, teacher.classifier, x, fc_form, form)
+    fe_student, fc_student = hand_losses(
+        module, module.backbone, module.source_head, x, fc_form, form
+    )
     # the check can tell the teacher from the student
     assert abs(fe - fe_student) > 1e-3 and abs(fc - fc_student) > 1e-3
 

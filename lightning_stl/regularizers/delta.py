@@ -53,18 +53,13 @@ The distance has three forms (``form``), all with α and β outside:
 SMILE's code reads its channel weights from ``attention_weight/<data set>.npy`` (four layers; it
 uses the last) as softmax(w / 5). The stored w are already standardised per layer (mean 0, std 1
 in every layer of the three files), so that is this module's ``channel_attention`` with T = 5:
-the same normalisation. Those files were made by DELTA's ``channel_eval.py`` on the data set's
-training set, zeroing filters of the last ``conv3`` of each stage of ImageNet's ResNet-50 (a
-perturbation of the residual branch only) after a classifier trained with SGD on augmented
-images; this module zeroes the stage's output channel after an L-BFGS probe on 128 drawn images
-of the run's training set (one protocol draw). The two estimates rank the channels by the same
-principle, the loss increase when the channel is lost, but they measure different perturbations
-on different images with different probes, so they should correlate, not agree to float
-precision; neither set of weights is copied into this project.
-
-The frozen model w⁰ is a deep copy of the backbone taken in :meth:`DELTA.setup`, right after the
-source model was loaded. It is not a sub-module: not in ``state_dict``, not moved by ``.to``
-(it follows the inputs' device), not in the optimiser, always in eval mode, never with gradients.
+the same normalisation. The files do not say how they were made; an estimate of this kind
+(DELTA's ``channel_eval.py``: zero each filter of a stage's last ``conv3`` after training a
+classifier with SGD on augmented images) depends on the classifier, the images and the model,
+and this module differs in all three (an L-BFGS probe, 128 drawn images, the stage's output
+channel zeroed). So the estimates should rank channels by the same principle, not agree to float
+precision; the authors' own files do not agree with each other either (README). Neither set of
+weights is copied into this project.
 """
 
 from __future__ import annotations
@@ -96,7 +91,7 @@ _logger = logging.getLogger(__name__)
 
 FORMS = ("paper", "official", "smile_official")
 #: Bump when the estimate changes, so that old cache files are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: The linear classifier of the channel estimate: weight decay (the official code's 1e-4) and
 #: L-BFGS iterations.
 PROBE_WEIGHT_DECAY = 1e-4
@@ -443,6 +438,13 @@ class DELTA(Regularizer):
             raise ValueError(f"DELTA temperature={temperature!r} is not allowed: it must be > 0")
         self.temperature = float(temperature)
         self.form = _check_form(form)
+        if self.form == "smile_official" and (self.beta > 0 or self.layers != ["layer4"]):
+            _logger.warning(
+                "DELTA form=smile_official with beta=%s and layers=%s: SMILE's code uses it with "
+                "beta=0 and layers=[layer4] (ResNet-50's last stage) only",
+                self.beta,
+                self.layers,
+            )
         self.device = torch.device(device) if device is not None else None
         self.layer_names: list[str] = []
         # Not sub-modules: a list keeps the frozen model out of state_dict, .to and parameters().
@@ -553,6 +555,11 @@ class DELTA(Regularizer):
             SUBSET_SEED,
         )
         digest.update(repr(settings).encode())
+        # file-based sets are decoded through the evaluation transform, which these decide
+        transform = tuple(
+            getattr(datamodule, name, None) for name in ("resize_size", "crop_size", "keep_aspect")
+        )
+        digest.update(f"transform{transform!r}".encode())
         _state_fingerprint(digest, self.frozen)
         _data_fingerprint(digest, _target_train_set(datamodule))
         return self.cache_dir / f"delta-{digest.hexdigest()[:32]}.pt"
