@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_stl.callbacks import DivergenceGuard
+from lightning_stl.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
 from lightning_stl.methods import SmoothTransfer
@@ -379,7 +380,9 @@ def run_stage(
     datamodule.configure_training(stage.target_weight.domains(), stage.epoch_basis)
     if done.exists():
         summary = json.loads(done.read_text())
-        state = torch.load(summary["last_model_path"], map_location="cpu", weights_only=True)
+        state = read_checkpoint(
+            summary["last_model_path"], f"load the finished stage {stage.name!r}"
+        )
         module.load_state_dict(state["state_dict"])
         log.info("stage %s already finished: loaded %s", stage.name, summary["last_model_path"])
         return summary
@@ -408,12 +411,15 @@ def run_stage(
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[scheduler, guard, *callbacks],
+        plugins=[AtomicCheckpointIO()],  # a kill or a full disk never leaves a partial file
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
         **extra,
         **trainer_overrides,
     )
     last = stage_dir / "last.ckpt"
+    if last.exists():  # a damaged file stops here with its name, not deep inside the fit
+        read_checkpoint(last, f"resume the unfinished stage {stage.name!r}")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     checkpoint = trainer.checkpoint_callback
