@@ -89,3 +89,23 @@ def read_checkpoint(path: str | os.PathLike, purpose: str) -> dict[str, Any]:
             f"truncated or corrupt (written by a killed process or onto a full disk?). It was "
             f"needed to {purpose}. Delete it to train that stage again from its start"
         ) from None
+
+
+def check_writable(folder: Path, what: str, setting: str) -> None:
+    """Create ``folder`` and write a probe file into it, or stop with one message naming the
+    folder, the reason and the ``setting`` that chooses it: before training, not at the first
+    checkpoint (nor, as Lightning's ``_atomic_save`` would, silently)."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(
+            f"the {what} {folder} cannot be written ({reason}); nothing was trained. Choose "
+            f"another folder with {setting}, or make this one writable"
+        ) from None

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_stl.callbacks import DivergenceGuard
-from lightning_stl.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from lightning_stl.checkpoint_io import AtomicCheckpointIO, check_writable, read_checkpoint
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
 from lightning_stl.methods import SmoothTransfer
@@ -277,8 +278,6 @@ def pretrain_on_source(cfg: DictConfig, datamodule: SourceTargetDataModule) -> P
     that start together wait for the one that trains (a file lock); a killed pre-training
     resumes from its ``last.ckpt`` like any stage.
     """
-    import fcntl
-
     pretraining = cfg.pretraining
     if datamodule.source_spec is None:
         raise ValueError(
@@ -287,7 +286,7 @@ def pretrain_on_source(cfg: DictConfig, datamodule: SourceTargetDataModule) -> P
     identity = pretraining_identity(cfg)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(pretraining.cache_dir) / f"{datamodule.source_name}_{cfg.backbone.name}_{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable(folder, "pre-training cache folder", "pretraining.cache_dir=...")
     stage_conf = OmegaConf.create(
         {
             "name": "source",
@@ -300,11 +299,11 @@ def pretrain_on_source(cfg: DictConfig, datamodule: SourceTargetDataModule) -> P
         }
     )
     stage = Stage.from_config(stage_conf)
-    with open(folder / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(folder / "lock", "a+") as lock:
+        _lock_saying_who_holds_it(lock, folder)
         done = folder / "checkpoints" / stage.name / STAGE_FILE
         if done.exists():
-            path = Path(json.loads(done.read_text())["last_model_path"])
+            path = Path(read_stage_file(done, folder, stage.name)["last_model_path"])
             log.info("source pre-training cached: %s", path)
             return path
         (folder / "settings.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
@@ -320,6 +319,32 @@ def pretrain_on_source(cfg: DictConfig, datamodule: SourceTargetDataModule) -> P
     if summary["status"] != "ok":
         raise RuntimeError(f"the source pre-training in {folder} diverged: {summary}")
     return Path(summary["last_model_path"])
+
+
+def _lock_saying_who_holds_it(lock: Any, folder: Path) -> None:
+    """``flock`` the open ``lock`` file; while another run holds it, say so (who, since when) and
+    wait. The holder's line is written into the file, so the next waiter can name it."""
+    import fcntl
+    import socket
+
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        log.warning(
+            "waiting for the source pre-training in %s: %s holds its lock. This run goes on when "
+            "that one has finished the pre-training (or was stopped: the lock then frees itself)",
+            folder,
+            holder,
+        )
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(
+        f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    )
+    lock.flush()
 
 
 def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Callback]:
@@ -379,7 +404,7 @@ def run_stage(
     done = stage_dir / STAGE_FILE
     datamodule.configure_training(stage.target_weight.domains(), stage.epoch_basis)
     if done.exists():
-        summary = json.loads(done.read_text())
+        summary = read_stage_file(done, run_dir, stage.name)
         state = read_checkpoint(
             summary["last_model_path"], f"load the finished stage {stage.name!r}"
         )
@@ -448,7 +473,43 @@ def run_stage(
     if tested:
         header = torch.load(tested, map_location="cpu", weights_only=True)
         summary["best_step"] = int(header["global_step"])
-    _write_json(done, summary)
+    _write_json(done, {**summary, **_stage_paths(summary, run_dir, relative=True)})
+    return summary
+
+
+_PATH_KEYS = ("last_model_path", "best_model_path")
+
+
+def _stage_paths(summary: dict[str, Any], run_dir: Path, relative: bool) -> dict[str, Any]:
+    """The checkpoint paths of a stage summary relative to the run folder (as ``stage.json``
+    stores them, so that a copied or moved run folder reads its own files) or resolved in it."""
+    paths: dict[str, Any] = {}
+    for key in _PATH_KEYS:
+        value = summary.get(key)
+        if not value:
+            paths[key] = value
+        elif relative:
+            path = Path(value)
+            paths[key] = os.path.relpath(path, run_dir) if path.is_absolute() else value
+        else:
+            paths[key] = str(run_dir / value) if not Path(value).is_absolute() else value
+    return paths
+
+
+def read_stage_file(done: Path, run_dir: Path, stage: str) -> dict[str, Any]:
+    """A finished stage's ``stage.json`` with its checkpoint paths resolved in ``run_dir``.
+
+    Folders written before paths were stored relative hold absolute ones: a file of the same
+    name in this run folder's ``checkpoints/<stage>/`` wins over the recorded location, so a
+    copied folder does not read the original's checkpoints."""
+    summary = json.loads(done.read_text())
+    summary.update(_stage_paths(summary, run_dir, relative=False))
+    for key in _PATH_KEYS:
+        value = summary.get(key)
+        if value:
+            local = run_dir / "checkpoints" / stage / Path(value).name
+            if local.exists() and Path(value) != local:
+                summary[key] = str(local)
     return summary
 
 
@@ -618,7 +679,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, "run folder", "hydra.run.dir=... (paths.output_dir)")
+    if (run_dir / "checkpoints").exists():  # else made, in the writable run folder, by a fit
+        check_writable(run_dir / "checkpoints", "checkpoint folder", "hydra.run.dir=...")
     stages = [Stage.from_config(conf) for conf in cfg.method.stages]
     check_same_run(run_dir, cfg)
     if not stages[-1].trains_target:
@@ -769,7 +832,18 @@ def main(cfg: DictConfig) -> float:
             "trials as single runs (one job each, e.g. hydra/launcher=slurm with several GPUs "
             "per task is not supported either), or search with one device per trial"
         )
-    return float(train(cfg)["objective"])
+    metrics = train(cfg)
+    if metrics["status"] != "ok" and HydraConfig.get().mode == RunMode.RUN:
+        # a single run that diverged must not look like a success (a sweep records the value)
+        print(
+            f"error: the run {metrics['status']} at step "
+            f"{metrics['stages'][-1].get('diverged_at_step')} (loss "
+            f"{metrics['stages'][-1].get('diverged_loss')}): its test accuracy is not a result. "
+            "Lower optimizer.lr or check the data",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    return float(metrics["objective"])
 
 
 if __name__ == "__main__":

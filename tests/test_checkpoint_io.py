@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,7 @@ def test_resuming_from_a_truncated_checkpoint_stops_with_its_name(make_cfg):
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     stage_file = run_dir / "checkpoints" / "joint" / "stage.json"
-    last = Path(json.loads(stage_file.read_text())["last_model_path"])
+    last = run_dir / json.loads(stage_file.read_text())["last_model_path"]
     truncate(last)
     # a finished stage needs its checkpoint to be loaded again
     with pytest.raises(DamagedCheckpointError, match=r"load the finished stage 'joint'"):
@@ -138,3 +139,71 @@ def test_resuming_from_a_truncated_checkpoint_stops_with_its_name(make_cfg):
     stage_file.unlink()  # an unfinished stage resumes from last.ckpt
     with pytest.raises(DamagedCheckpointError, match=r"resume the unfinished stage 'joint'"):
         train(cfg)
+
+
+def test_an_unwritable_run_folder_stops_before_training(make_cfg, tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("a file where the checkpoint folder must go")
+    cfg = make_cfg(output_dir=blocked)
+    fits: list[int] = []
+    monkeypatch.setattr(run_module, "run_stage", lambda *a, **k: fits.append(1))
+    with pytest.raises(
+        ValueError, match=r"checkpoint folder .*blocked/checkpoints cannot be written"
+    ):
+        train(cfg)
+    # a folder the user may not write (root writes everywhere, so the refusal is simulated)
+    real_open = open
+
+    def refuse(file, mode="r", *args, **kwargs):
+        if "w" in mode and Path(file).name.startswith(".write-test-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(
+        ValueError, match=r"run folder .*run cannot be written \(Permission denied\); nothing"
+    ):
+        train(make_cfg())
+    assert not fits  # nothing was trained
+
+
+def test_an_unwritable_pretraining_cache_stops_before_training(make_cfg, tmp_path):
+    (tmp_path / "cache").write_text("a file")
+    cfg = make_cfg(
+        "+experiment=digits_smile",
+        "pretraining.epochs=1",
+        "steps.finetune=2",
+        f"pretraining.cache_dir={tmp_path / 'cache'}",
+    )
+    with pytest.raises(ValueError, match=r"pre-training cache folder .*cache/.* cannot be written"):
+        train(cfg)
+
+
+def test_a_copied_run_folder_reads_its_own_checkpoints(make_cfg, tmp_path):
+    """stage.json stores paths relative to the run folder: a copy of a finished run, run again,
+    reports from its own files even when the original's are gone."""
+    original = make_cfg(output_dir=tmp_path / "original")
+    first = train(original)
+    stage_file = tmp_path / "original" / "checkpoints" / "joint" / "stage.json"
+    recorded = json.loads(stage_file.read_text())
+    assert recorded["last_model_path"] == "checkpoints/joint/last.ckpt"
+    assert recorded["best_model_path"].startswith("checkpoints/joint/best-step")
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "original" / "checkpoints")
+    again = train(make_cfg(output_dir=tmp_path / "copy"))
+    assert again["test_acc"] == first["test_acc"] and again["best_step"] == first["best_step"]
+    assert again["stages"][-1]["best_model_path"].startswith(str(tmp_path / "copy"))
+
+
+def test_a_folder_of_absolute_paths_prefers_its_own_files(make_cfg, tmp_path):
+    """stage.json files written before paths were relative name the original's files."""
+    cfg = make_cfg(output_dir=tmp_path / "old")
+    first = train(cfg)
+    stage_file = tmp_path / "old" / "checkpoints" / "joint" / "stage.json"
+    recorded = json.loads(stage_file.read_text())
+    for key in ("last_model_path", "best_model_path"):  # as an older version wrote it
+        recorded[key] = str(tmp_path / "elsewhere" / recorded[key])
+    stage_file.write_text(json.dumps(recorded))
+    again = train(cfg)
+    assert again["test_acc"] == first["test_acc"]

@@ -346,6 +346,27 @@ def test_a_diverging_run_stops_and_reports_a_finite_worst_value(make_cfg):
     )
 
 
+def test_a_diverged_single_run_says_so_last_and_exits_non_zero(tmp_path, run_cli):
+    """Outside a sweep a diverged run is a failure: exit code 1 and its reason on the last line
+    (a sweep instead records failure_value and goes on: tests/test_sweeps.py)."""
+    from tests.conftest import TINY
+
+    result = run_cli(
+        *TINY,
+        "optimizer.lr=1e12",
+        "optimizer.final_lr=1e12",
+        "epochs.joint=3",
+        f"hydra.run.dir={tmp_path / 'diverged'}",
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run diverged at step ") and "optimizer.lr" in last
+    assert "Traceback" not in result.stderr
+    metrics = json.loads((tmp_path / "diverged" / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["objective"] == 0.0
+
+
 def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli, make_cfg):
     run_dir = tmp_path / "ddp"
     result = run_cli(
@@ -379,3 +400,41 @@ def test_resuming_a_folder_of_other_settings_is_refused(make_cfg, tmp_path):
     train(make_cfg(output_dir=tmp_path / "same"))  # same settings: resumes (nothing left to do)
     with pytest.raises(ValueError, match=r"other settings of method.*new hydra.run.dir"):
         train(make_cfg("method.target_weight.tau=0.5", output_dir=tmp_path / "same"))
+
+
+def test_a_run_waiting_for_the_pretraining_lock_says_who_holds_it(tmp_path, caplog):
+    """A second run of the same source pre-training waits for the first one's lock and says so,
+    naming the holder; it goes on once the lock is free and then names itself as the holder."""
+    import fcntl
+    import os
+    import threading
+
+    from lightning_stl.run import _lock_saying_who_holds_it
+
+    path = tmp_path / "lock"
+    holder = open(path, "a+")  # noqa: SIM115 (held across the thread below)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("pid 4242 on trainer-7 since 2026-12-01 10:00:00\n")
+    holder.flush()
+    acquired = threading.Event()
+
+    def second_run():
+        with open(path, "a+") as lock:
+            _lock_saying_who_holds_it(lock, tmp_path)
+            acquired.set()
+            lock.seek(0)
+            second_run.line = lock.read()
+
+    caplog.set_level("WARNING", logger="lightning_stl.run")
+    thread = threading.Thread(target=second_run)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while "waiting for the source pre-training" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "pid 4242 on trainer-7 since 2026-12-01 10:00:00 holds its lock" in caplog.text
+    assert str(tmp_path) in caplog.text and not acquired.is_set()  # still waiting
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    thread.join(timeout=20)
+    assert acquired.is_set()
+    assert second_run.line.startswith(f"pid {os.getpid()} on ")
