@@ -13,7 +13,9 @@ It is hydra-optuna-sweeper's ``OptunaSweeper`` (TPE by default, trials asked in 
   two of them.
 - **Failures.** A trial that returns NaN or ±inf is recorded with ``failure_value`` (a finite
   worst value) instead of crashing the sweep; a trial that raises is recorded as failed, logged
-  with its number, parameters and error, and counts against ``max_failure_rate``.
+  with its number, parameters and error, and counts against ``max_failure_rate``, judged over
+  all the trials this sweep has finished, never before ``MIN_TRIALS_BEFORE_STOPPING`` of them
+  (and once more at its end, so that a sweep of failures does not exit 0).
 - **Report.** ``trials.csv`` (one row per trial: parameters, validation and test accuracy, status,
   wall time, run folder), ``best.yaml`` (the best parameters) and ``trials.png`` (validation
   accuracy by trial and the best so far) in the sweep folder, rewritten after every batch.
@@ -57,19 +59,29 @@ def open_study(
 ) -> optuna.Study:
     """Create or load the study, one process at a time per SQLite file (see
     :func:`_sqlite_setup_lock`); SQLite connections wait up to 120 s for the file's lock."""
-    with _sqlite_setup_lock(storage):
-        if isinstance(storage, str) and storage.startswith("sqlite"):
-            # several sweep processes on one SQLite file wait for its lock instead of failing
-            storage = optuna.storages.RDBStorage(
-                storage, engine_kwargs={"connect_args": {"timeout": 120}}
+    url = storage
+    try:
+        with _sqlite_setup_lock(storage):
+            if isinstance(storage, str) and storage.startswith("sqlite"):
+                # several sweep processes on one SQLite file wait for its lock instead of failing
+                storage = optuna.storages.RDBStorage(
+                    storage, engine_kwargs={"connect_args": {"timeout": 120}}
+                )
+            return optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                sampler=sampler,
+                directions=directions,
+                load_if_exists=True,
             )
-        return optuna.create_study(
-            study_name=study_name,
-            storage=storage,
-            sampler=sampler,
-            directions=directions,
-            load_if_exists=True,
-        )
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError, ImportError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+        raise ValueError(
+            f"hydra.sweeper.storage={url!r} cannot be opened "
+            f"({type(error).__name__}: {reason[0] if reason else ''}); nothing was run. Give "
+            "sqlite:///<existing folder>/<file>.db or a reachable database URL such as "
+            "postgresql://user@host/db"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -93,7 +105,8 @@ def _sqlite_setup_lock(storage: Any) -> Iterator[None]:
     import fcntl  # POSIX; imported here so that the sweeper imports everywhere
 
     path = Path(database)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} of the SQLite file does not exist")
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -154,6 +167,16 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
             elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) != LAUNCHED:
                 finished += 1
         return finished
+
+    def _stop_for_failures(self, failed: list[Exception], finished: int) -> None:
+        log.error(
+            "%d of the %d trials this sweep finished failed, more than max_failure_rate=%s: "
+            "stopping (trials.csv has every trial)",
+            len(failed),
+            finished,
+            self.max_failure_rate,
+        )
+        raise failed[0]
 
     def _outcome(self, ret: JobReturn) -> tuple[float | None, dict[str, Any], Exception | None]:
         """(value to tell, user attributes, error) of one finished job."""
@@ -221,6 +244,7 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        finished, failed = 0, []  # this sweep's trials: the failure rate is judged over all
         while to_go > 0:
             batch = min(to_go, self.n_jobs)
             trials = [study.ask() for _ in range(batch)]
@@ -264,21 +288,35 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
                     )
                 study.tell(trial, value)
             write_report(study, sweep_dir, directions[0])
-            if failures and len(failures) / len(returns) > self.max_failure_rate:
-                log.error(
-                    "%d of %d trials in this batch failed, more than max_failure_rate=%s: stopping",
-                    len(failures),
-                    len(returns),
-                    self.max_failure_rate,
-                )
-                raise failures[0]
+            finished += len(returns)
+            failed.extend(failures)
+            if too_many_failures(len(failed), finished, self.max_failure_rate, final=False):
+                self._stop_for_failures(failed, finished)
             to_go -= batch
 
         write_report(study, sweep_dir, directions[0])
+        if too_many_failures(len(failed), finished, self.max_failure_rate, final=True):
+            self._stop_for_failures(failed, finished)
         completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
         if completed:
             best = study.best_trial
             log.info("best value %s with %s (trial %d)", best.value, best.params, best.number)
+
+
+#: A sweep is not stopped for its failure rate before it has finished this many trials (one
+#: failing trial of a first batch of two is not a rate); at its end the rate is judged anyway.
+MIN_TRIALS_BEFORE_STOPPING = 5
+
+
+def too_many_failures(failed: int, finished: int, max_failure_rate: float, final: bool) -> bool:
+    """Whether ``failed`` of the sweep's ``finished`` trials exceed ``max_failure_rate``: judged
+    over every trial it has finished, once there are ``MIN_TRIALS_BEFORE_STOPPING`` of them, or
+    at the end of the sweep (``final``)."""
+    if failed == 0 or finished == 0:
+        return False
+    if not final and finished < MIN_TRIALS_BEFORE_STOPPING:
+        return False
+    return failed / finished > max_failure_rate
 
 
 def _params_key(params: dict[str, Any]) -> str:

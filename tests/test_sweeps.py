@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,46 @@ def test_diverging_and_raising_trials(tmp_path, run_cli):
     assert raising.returncode != 0
     assert "trial 0 failed with parameters" in raising.stdout + raising.stderr
     assert "target_size=5000 exceeds the 997 training images" in raising.stdout + raising.stderr
+
+
+@pytest.mark.parametrize(
+    ("failed", "finished", "final", "stops"),
+    [
+        (1, 2, False, False),  # n_jobs=2, one trial raised: not a rate yet (it was 1/2 > 0.25)
+        (4, 4, False, False),  # fewer than MIN_TRIALS_BEFORE_STOPPING finished
+        (2, 8, False, False),  # 0.25 is not more than max_failure_rate=0.25
+        (3, 8, False, True),  # over all finished trials, not the last batch
+        (3, 5, False, True),
+        (1, 2, True, True),  # at the end the rate is judged whatever the count
+        (0, 9, True, False),
+        (0, 0, True, False),
+    ],
+)
+def test_the_failure_rate_is_judged_over_all_finished_trials(failed, finished, final, stops):
+    from lightning_stl.sweeper import MIN_TRIALS_BEFORE_STOPPING, too_many_failures
+
+    assert MIN_TRIALS_BEFORE_STOPPING == 5
+    assert too_many_failures(failed, finished, 0.25, final) is stops
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("sqlite:////no/such/dir/study.db", r"the folder /no/such/dir of the SQLite file"),
+        ("notaurl", r"ArgumentError: Could not parse SQLAlchemy URL"),
+        ("postgresql+nodriver://u@h/db", r"NoSuchModuleError"),
+    ],
+)
+def test_a_storage_that_cannot_be_opened_is_named_in_one_message(url, reason):
+    from lightning_stl.sweeper import open_study
+
+    with pytest.raises(ValueError) as caught:
+        open_study(url, "s", optuna.samplers.RandomSampler(), ["maximize"])
+    message = str(caught.value)
+    assert message.startswith(f"hydra.sweeper.storage={url!r} cannot be opened")
+    assert re.search(reason, message) and "nothing was run" in message
+    assert "\n" not in message and caught.value.__cause__ is None
+    assert not Path("/no").exists()  # no folder is made for a wrong path
 
 
 def make_impl(failure_value: float = 0.0) -> DurableOptunaSweeperImpl:
