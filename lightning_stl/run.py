@@ -41,6 +41,7 @@ from lightning_stl.devices import claim_device, physical_device_names, wants_dev
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_model import SourceModel, download_source_model, read_source_model
+from lightning_stl.quiet import quiet_library_noise
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
 
@@ -676,6 +677,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     ``cfg.failure_value`` when the training loss stopped being finite (status ``diverged``).
     """
     started, started_at = time.perf_counter(), time.time()
+    quiet_library_noise()
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.paths.output_dir)

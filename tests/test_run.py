@@ -45,6 +45,10 @@ def test_main_entry_point_trains_tests_and_writes_its_files(tmp_path, run_cli):
     result = run_cli(*TINY, f"hydra.run.dir={run_dir}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "target test accuracy (best-validation checkpoint" in result.stdout
+    # what a user reads: no adverts, no deprecation noise, the device banner once
+    console = result.stdout + result.stderr
+    assert "💡" not in console and "LeafSpec" not in console, console[-3000:]
+    assert console.count("GPU available:") == 1, console[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "smooth" and metrics["target_size"] == 30
     assert 0.0 <= metrics["test_acc"] <= 1.0 and 0.0 <= metrics["best_val_acc"] <= 1.0
@@ -438,3 +442,35 @@ def test_a_run_waiting_for_the_pretraining_lock_says_who_holds_it(tmp_path, capl
     thread.join(timeout=20)
     assert acquired.is_set()
     assert second_run.line.startswith(f"pid {os.getpid()} on ")
+
+
+def test_library_noise_is_dropped_and_everything_else_kept(caplog):
+    import logging
+    import warnings
+
+    from lightning_stl.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    quiet_library_noise()  # idempotent
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    assert len(logger.filters) == 1
+    caplog.set_level("INFO", logger="lightning.pytorch.utilities.rank_zero")
+    logger.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+    logger.info("GPU available: False, used: False")
+    logger.info("GPU available: False, used: False")
+    logger.info("Restoring states from the checkpoint path at last.ckpt")
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU available: False, used: False",
+        "Restoring states from the checkpoint path at last.ckpt",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_library_noise()  # catch_warnings reset the filters
+        warnings.warn(
+            "Found 18 module(s) in eval mode at the start of training. This may", stacklevel=1
+        )
+        warnings.warn(
+            "The number of training batches (1) is smaller than the logging interval", stacklevel=1
+        )
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", stacklevel=1)
+        warnings.warn("checkpoint directory exists and is not empty", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["checkpoint directory exists and is not empty"]
