@@ -42,6 +42,7 @@ from lightning_stl.methods import SmoothTransfer
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_model import SourceModel, download_source_model, read_source_model
 from lightning_stl.quiet import quiet_library_noise
+from lightning_stl.reporting.learning_curve import learning_curve_series, plot_learning_curve
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
 
@@ -587,7 +588,8 @@ def _write_json(path: Path, value: Any) -> None:
 def _write_run_files(
     run_dir: Path, rows: list[tuple[str, int, int, float]], metrics: dict[str, Any], title: str
 ) -> None:
-    """``target_weight.csv``, ``target_weight.png`` and ``metrics.json`` (by one process)."""
+    """``target_weight.csv``, ``target_weight.png``, ``learning_curve.png`` (when a CSV log was
+    written) and ``metrics.json`` (by one process)."""
     with open(run_dir / "target_weight.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["stage", "stage_step", "step", "target_weight"])
@@ -596,6 +598,16 @@ def _write_run_files(
         [r[2] for r in rows],
         [r[3] for r in rows],
         run_dir / "target_weight.png",
+        best_step=metrics["best_step"],
+        title=title,
+    )
+    offset, stages = 0, []
+    for stage in metrics["stages"]:
+        stages.append((stage["name"], offset))
+        offset += stage.get("total_steps") or 0
+    plot_learning_curve(
+        learning_curve_series(run_dir, stages),
+        run_dir / "learning_curve.png",
         best_step=metrics["best_step"],
         title=title,
     )

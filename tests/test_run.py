@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -444,15 +445,16 @@ def test_a_run_waiting_for_the_pretraining_lock_says_who_holds_it(tmp_path, capl
     assert second_run.line.startswith(f"pid {os.getpid()} on ")
 
 
-def test_library_noise_is_dropped_and_everything_else_kept(caplog):
+def test_library_noise_is_dropped_and_everything_else_kept(caplog, monkeypatch):
     import logging
     import warnings
 
     from lightning_stl.quiet import quiet_library_noise
 
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(logger, "filters", [])  # earlier runs of this process saw the banner
     quiet_library_noise()
     quiet_library_noise()  # idempotent
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     assert len(logger.filters) == 1
     caplog.set_level("INFO", logger="lightning.pytorch.utilities.rank_zero")
     logger.info("💡 Tip: For seamless cloud logging, try installing litlogger")
@@ -474,3 +476,48 @@ def test_library_noise_is_dropped_and_everything_else_kept(caplog):
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", stacklevel=1)
         warnings.warn("checkpoint directory exists and is not empty", stacklevel=1)
     assert [str(w.message) for w in caught] == ["checkpoint directory exists and is not empty"]
+
+
+def test_help_shows_the_common_commands_groups_and_experiments(run_cli):
+    result = run_cli("--help", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = result.stdout
+    assert page.startswith("lightning-stl: transfer learning from a source to a target")
+    assert "python -m lightning_stl.run -m hparams_search=smooth_tpe" in page
+    assert "+experiment=NAME loads a paper setting" in page
+    groups = dict(
+        line.split(": ", 1)
+        for line in page.splitlines()
+        if re.match(r"^[a-z_]+: [a-z0-9_, ]+$", line)
+    )
+    assert "smile_official" in groups["method"] and "svhn_mnist" in groups["experiment"]
+    assert {"backbone", "data", "trainer", "hparams_search"} <= set(groups)
+    assert "_self_" not in page and "Powered by Hydra" not in page
+
+
+def test_each_run_draws_its_learning_curves_on_the_runs_step_axis(make_cfg):
+    """learning_curve.png: the validation accuracy of every stage's CSV log on the run's step
+    axis (fine-tune: the target stage after the source stage), the best step dashed."""
+    from lightning_stl.reporting.learning_curve import learning_curve_series
+
+    cfg = make_cfg("method=finetune")
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    source_steps = metrics["stages"][0]["total_steps"]
+    series = learning_curve_series(run_dir, [("source", 0), ("target", source_steps)])
+    with open(run_dir / "csv" / "target" / "metrics.csv") as handle:
+        logged = [
+            (source_steps + int(r["step"]) + 1, float(r["val/acc"]))  # Lightning: 0-based
+            for r in csv.DictReader(handle)
+            if r.get("val/acc")
+        ]
+    assert series["val/acc"] == logged and logged
+    assert dict(series["val/acc"])[metrics["best_step"]] == pytest.approx(metrics["best_val_acc"])
+    assert series["val/acc"][-1][0] == metrics["total_steps"]  # the last validation, last step
+    rgb = read_rgb(run_dir / "learning_curve.png")
+    box = AxesBox.find(rgb)
+    last = max(x for points in series.values() for x, _ in points)
+    accuracy = box.inside(colour_mask(rgb, "tab:green"))
+    assert_curve_through(accuracy, box, logged, (0, last), (0, 1))
+    (best_line,) = vertical_lines(colour_mask(rgb, "tab:blue"), box)
+    assert abs(best_line - box.column(metrics["best_step"], (0, last))) <= 2
