@@ -245,6 +245,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, subprocess_env):
     assert [r[1] for r in rows] == list(
         range(1, 1001)
     )  # the whole curve, before and after the kill
+    # the CSV log keeps the validations made before the kill, and logs each one once
+    with open(run_dir / "csv" / "joint" / "metrics.csv", newline="") as handle:
+        validated = [int(r["step"]) for r in csv.DictReader(handle) if r.get("val/acc")]
+    assert validated == sorted(set(validated)) and validated[-1] == 999
+    assert validated[0] < killed_at - 25  # an epoch (25 steps) before the checkpoint it resumed
+    assert len(validated) == 40  # one validation per epoch
 
 
 @pytest.mark.parametrize(
