@@ -586,7 +586,11 @@ def _write_json(path: Path, value: Any) -> None:
 
 @rank_zero_only
 def _write_run_files(
-    run_dir: Path, rows: list[tuple[str, int, int, float]], metrics: dict[str, Any], title: str
+    run_dir: Path,
+    rows: list[tuple[str, int, int, float]],
+    stage_starts: list[tuple[str, int]],
+    metrics: dict[str, Any],
+    title: str,
 ) -> None:
     """``target_weight.csv``, ``target_weight.png``, ``learning_curve.png`` (when a CSV log was
     written) and ``metrics.json`` (by one process)."""
@@ -601,12 +605,8 @@ def _write_run_files(
         best_step=metrics["best_step"],
         title=title,
     )
-    offset, stages = 0, []
-    for stage in metrics["stages"]:
-        stages.append((stage["name"], offset))
-        offset += stage.get("total_steps") or 0
     plot_learning_curve(
-        learning_curve_series(run_dir, stages),
+        learning_curve_series(run_dir, stage_starts),
         run_dir / "learning_curve.png",
         best_step=metrics["best_step"],
         title=title,
@@ -723,8 +723,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         best_path = final["best_model_path"] if has_validation else final["last_model_path"]
     test_acc = _test(cfg, module, datamodule, best_path, trainer_overrides) if best_path else None
 
-    offset, rows = 0, []
+    offset, rows, stage_starts = 0, [], []
     for summary in summaries:
+        stage_starts.append((summary["name"], offset))
         for step, weight in summary["target_weight"]:
             rows.append((summary["name"], step, offset + step, weight))
         offset += summary["total_steps"] or 0
@@ -758,6 +759,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     _write_run_files(
         run_dir,
         rows,
+        stage_starts,
         metrics,
         title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
         f"N={metrics['target_size']}, {outcome}",

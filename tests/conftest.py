@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from lightning_stl.run import compose_config
@@ -73,3 +74,13 @@ def run_cli(subprocess_env: dict[str, str]) -> Callable[..., subprocess.Complete
         )
 
     return _run
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on shared cores: one thread avoids oversubscription (and is faster). A module
+    takes it for all its tests with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from lightning_stl.models import create_backbone
 from lightning_stl.models.mean_teacher import MeanTeacher
 from lightning_stl.schedule import TARGET
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def moved_student(seed: int = 0) -> tuple[nn.Module, nn.Linear, MeanTeacher]:

@@ -43,13 +43,7 @@ from lightning_stl.schedule import TARGET
 K_T, K_S, FEATURES = 4, 6, 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def finetune(**kwargs) -> FineTune:

@@ -36,13 +36,7 @@ L2SP_TARGET = "lightning_stl.regularizers.l2sp.L2SP"
 DELTA_TARGET = "lightning_stl.regularizers.delta.DELTA"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

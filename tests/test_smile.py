@@ -34,14 +34,7 @@ from lightning_stl.regularizers import (
 from lightning_stl.run import train
 from tests.checkpoint_accuracy import checkpoint_test_accuracy
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------- numpy references

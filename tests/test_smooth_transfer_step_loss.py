@@ -21,14 +21,7 @@ from lightning.pytorch.callbacks import Callback
 import lightning_stl.run as run_module
 from lightning_stl.run import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def np_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -19,14 +19,7 @@ from lightning_stl.models.source_model import SourceModel, read_source_model
 from lightning_stl.run import resolve_source_model, train
 from lightning_stl.schedule import SOURCE, TARGET, ConstantTargetWeight, TargetWeightScheduler
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids oversubscription (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_classifier_model(path: Path, name: str, num_classes: int, in_chans: int) -> nn.Module:

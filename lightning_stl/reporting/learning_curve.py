@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lightning_stl.reporting.target_weight_plot import save_figure  # noqa: E402
+
 #: The logged columns that are drawn: (column, label, axis).
 CURVES = (
     ("train/loss", "training loss", "loss"),
@@ -78,8 +80,4 @@ def plot_learning_curve(
     handles = [h for axis in (loss_axis, acc_axis) for h in axis.get_legend_handles_labels()[0]]
     loss_axis.legend(handles=handles, loc="center right", fontsize=7)
     loss_axis.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

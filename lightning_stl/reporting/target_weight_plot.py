@@ -38,6 +38,11 @@ def plot_target_weight(
         ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write and close ``fig`` (the last step of every run figure)."""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
