@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from lightning_stl.callbacks import DivergenceGuard
+from lightning_stl.callbacks import DivergenceGuard, RandomStateCheckpoint, ResumeCheckpoint
 from lightning_stl.checkpoint_io import AtomicCheckpointIO, check_writable, read_checkpoint
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
@@ -350,28 +350,41 @@ def _lock_saying_who_holds_it(lock: Any, folder: Path) -> None:
 
 
 def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Callback]:
+    """``cfg.callbacks`` for ``stage``: checkpoints written into ``checkpoint_dir`` (the best
+    one first, as ``trainer.checkpoint_callback``; ``last.ckpt`` is the
+    :class:`~lightning_stl.callbacks.ResumeCheckpoint`'s, added with its defaults when the
+    config has none), and what monitors validation only where the stage validates."""
     callbacks: list[Callback] = []
     for key, conf in (cfg.get("callbacks") or {}).items():
         if conf is None:
             continue
+        target = str(conf.get("_target_", ""))
         monitors_validation = str(conf.get("monitor", "")).startswith("val/")
-        if "ProgressBar" in conf.get("_target_", "") and not cfg.trainer.get(
-            "enable_progress_bar", True
-        ):
+        if "ProgressBar" in target and not cfg.trainer.get("enable_progress_bar", True):
             continue
-        if conf.get("_target_", "").endswith("ModelCheckpoint"):
-            overrides: dict[str, Any] = {"dirpath": str(checkpoint_dir)}
+        if target.endswith("ResumeCheckpoint"):
+            callbacks.append(hydra.utils.instantiate(conf, dirpath=str(checkpoint_dir)))
+        elif target.endswith("ModelCheckpoint"):
+            # the best is saved when its validation ends (Lightning would wait for the epoch's
+            # end when validating once an epoch), so that last.ckpt, written after it, knows it
+            overrides: dict[str, Any] = {
+                "dirpath": str(checkpoint_dir),
+                "save_last": False,
+                "save_on_train_epoch_end": False,
+            }
             if not stage.validates:
                 overrides.update(monitor=None, save_top_k=0)
-            callbacks.append(hydra.utils.instantiate(conf, **overrides))
+            callbacks.insert(0, hydra.utils.instantiate(conf, **overrides))
         elif monitors_validation and not stage.validates:
             log.info("stage %s does not validate: callback %s left out", stage.name, key)
         else:
             callbacks.append(hydra.utils.instantiate(conf))
-    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+    if not any(type(c) is ModelCheckpoint for c in callbacks):
         raise ValueError(
             "callbacks.model_checkpoint is required: every run tests its best checkpoint"
         )
+    if not any(isinstance(c, ResumeCheckpoint) for c in callbacks):
+        callbacks.append(ResumeCheckpoint(dirpath=str(checkpoint_dir)))
     return callbacks
 
 
@@ -404,7 +417,9 @@ def run_stage(
     """Fit one stage (or pick up its finished result) and return its summary."""
     stage_dir = run_dir / "checkpoints" / stage.name
     done = stage_dir / STAGE_FILE
-    datamodule.configure_training(stage.target_weight.domains(), stage.epoch_basis)
+    datamodule.configure_training(
+        stage.target_weight.domains(), stage.epoch_basis, seed=cfg.seed + index
+    )
     if done.exists():
         summary = read_stage_file(done, run_dir, stage.name)
         state = read_checkpoint(
@@ -437,7 +452,7 @@ def run_stage(
         extra.update(max_epochs=stage.epochs)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[scheduler, guard, *callbacks],
+        callbacks=[scheduler, guard, RandomStateCheckpoint(), *callbacks],
         plugins=[AtomicCheckpointIO()],  # a kill or a full disk never leaves a partial file
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
@@ -450,6 +465,7 @@ def run_stage(
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     checkpoint = trainer.checkpoint_callback
+    resume = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ResumeCheckpoint))
     summary: dict[str, Any] = {
         "name": stage.name,
         "epochs": stage.epochs,
@@ -458,7 +474,7 @@ def run_stage(
         "total_steps": scheduler.total_steps,
         "schedule": stage.target_weight.describe(),
         "target_weight": [[step, scheduler.history[step]] for step in sorted(scheduler.history)],
-        "last_model_path": checkpoint.last_model_path,
+        "last_model_path": resume.last_model_path,
         "best_model_path": checkpoint.best_model_path or None,
         "best_val_acc": _float(checkpoint.best_model_score),
         "best_step": None,
@@ -466,7 +482,13 @@ def run_stage(
         **guard.describe(),
         "wall_time_s": time.perf_counter() - started,
     }
-    if not summary["last_model_path"]:
+    best = summary["best_model_path"]
+    if best and not Path(best).exists():
+        raise FileNotFoundError(
+            f"stage {stage.name!r} finished, but its best checkpoint {best} is gone: delete "
+            f"{stage_dir} to train the stage again"
+        )
+    if not summary["last_model_path"] or not Path(summary["last_model_path"]).exists():
         trainer.save_checkpoint(last)
         summary["last_model_path"] = str(last)
     tested = summary["best_model_path"] or (

@@ -2,7 +2,16 @@
 
 from lightning_stl.callbacks.divergence import DivergenceGuard
 from lightning_stl.callbacks.mean_teacher import MeanTeacherUpdate
+from lightning_stl.callbacks.random_state import RandomStateCheckpoint
 from lightning_stl.callbacks.regsl_projection import RegSLProjection
+from lightning_stl.callbacks.resume_checkpoint import ResumeCheckpoint
 from lightning_stl.callbacks.rifle import RIFLE
 
-__all__ = ["RIFLE", "DivergenceGuard", "MeanTeacherUpdate", "RegSLProjection"]
+__all__ = [
+    "RIFLE",
+    "DivergenceGuard",
+    "MeanTeacherUpdate",
+    "RandomStateCheckpoint",
+    "RegSLProjection",
+    "ResumeCheckpoint",
+]

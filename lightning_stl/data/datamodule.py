@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_stl.data.augment import BatchAugment, Normalize
 from lightning_stl.data.file_image_set import FileImageDataset, FileImageSet, smile_transform
@@ -42,6 +42,7 @@ from lightning_stl.data.protocols import (
     stratified_subset,
 )
 from lightning_stl.data.registry import get_dataset
+from lightning_stl.data.streams import EpochPermutationSampler, ResumableLoader
 from lightning_stl.schedule import SOURCE, TARGET
 
 EPOCH_BASES = (SOURCE, TARGET)
@@ -188,6 +189,9 @@ class SourceTargetDataModule(L.LightningDataModule):
         self.resize_size, self.crop_size, self.keep_aspect = resize_size, crop_size, keep_aspect
         self.train_domains: tuple[str, ...] = (TARGET, SOURCE) if source is not None else (TARGET,)
         self.epoch_basis = SOURCE if source is not None else TARGET
+        self.stream_seed: int | None = None
+        self._train_loaders: dict[str, ResumableLoader] = {}
+        self._resume_positions: dict[str, dict[str, int]] | None = None
         self.train_sets: dict[str, AnySet] = {}
         self.val_set: AnySet | None = None
         self.test_set: AnySet | None = None
@@ -212,8 +216,12 @@ class SourceTargetDataModule(L.LightningDataModule):
                 f"held out for validation); allowed: 1 to {pool:,}"
             )
 
-    def configure_training(self, domains: Sequence[str], epoch_basis: str) -> None:
-        """Which sub-batches the training loader yields, and which set an epoch counts."""
+    def configure_training(
+        self, domains: Sequence[str], epoch_basis: str, seed: int | None = None
+    ) -> None:
+        """Which sub-batches the training loader yields, which set an epoch counts, and the
+        seed of the sub-batch streams (``None``: drawn from the global RNG by the first
+        :meth:`train_dataloader`)."""
         domains = tuple(d for d in (TARGET, SOURCE) if d in domains)
         if not domains:
             raise ValueError("training needs at least one of the domains 'target' and 'source'")
@@ -228,6 +236,7 @@ class SourceTargetDataModule(L.LightningDataModule):
                 "epoch_basis='source' needs a source data set, but data.source is null"
             )
         self.train_domains, self.epoch_basis = domains, epoch_basis
+        self.stream_seed = None if seed is None else int(seed)
 
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
@@ -354,32 +363,53 @@ class SourceTargetDataModule(L.LightningDataModule):
     def train_dataloader(self) -> CombinedLoader:
         """Sub-batch streams of ``steps_per_epoch()`` batches each.
 
-        Under DDP every process draws its own uniform stream (a generator seeded from the run's
-        seed and its rank), so the global sub-batch is processes x sub-batch size; run it with
-        ``use_distributed_sampler=False`` (``trainer=ddp`` does).
+        Epoch e of each stream is a permutation drawn from ``(stream_seed, e)``, and the
+        loaders' positions are saved in checkpoints (:mod:`lightning_stl.data.streams`), so a
+        resumed run trains on the batches the killed one would have. Under DDP every process
+        draws its own uniform stream (its rank is part of the stream's seed), so the global
+        sub-batch is processes x sub-batch size; run it with ``use_distributed_sampler=False``
+        (``trainer=ddp`` does).
         """
         steps = self.steps_per_epoch()
         world, rank = self._world()
-        base_seed = int(torch.randint(0, 2**62, ()))  # from the seeded global RNG
+        seed = self.stream_seed
+        if seed is None:  # not chosen by configure_training: from the seeded global RNG
+            seed = self.stream_seed = int(torch.randint(0, 2**62, ()))
         loaders = {}
         for index, domain in enumerate(self.train_domains):
             data = self.train_sets[domain]
             dataset = self._dataset(data, train=True)
             batch = self.batch_size[domain]
-            generator = None
-            if world > 1:
-                generator = torch.Generator().manual_seed(base_seed + 1_000_003 * rank + index)
-            sampler = RandomSampler(
-                dataset, replacement=False, num_samples=steps * batch, generator=generator
+            sampler = EpochPermutationSampler(
+                len(dataset), steps * batch, seed, stream=index + len(EPOCH_BASES) * rank
             )
-            loaders[domain] = DataLoader(
-                dataset,
-                batch_size=batch,
-                sampler=sampler,
-                drop_last=True,
-                **self._loader_options(data, train=True),
+            loaders[domain] = ResumableLoader(
+                dataset, sampler, batch, **self._loader_options(data, train=True)
             )
+        positions, self._resume_positions = self._resume_positions, None
+        if positions is not None:
+            if set(positions) != set(loaders):
+                raise ValueError(
+                    f"the checkpoint being resumed holds the streams {sorted(positions)}, but "
+                    f"this stage trains on {sorted(loaders)}"
+                )
+            for domain, loader in loaders.items():
+                loader.load_state_dict(positions[domain])
+        self._train_loaders = loaders
         return CombinedLoader(loaders, mode="min_size")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where each training stream of the running fit is (saved in checkpoints by Lightning).
+
+        Lightning also asks the loaders themselves, but gives their states back only when the
+        fit loop builds its loader after the restore, and it is built before, when
+        ``configure_optimizers`` asks for ``estimated_stepping_batches``; the DataModule's state
+        is restored first, so the loader built then starts where the checkpoint was."""
+        return {"streams": {d: loader.state_dict() for d, loader in self._train_loaders.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the streams of ``state_dict`` in the next :meth:`train_dataloader`."""
+        self._resume_positions = dict(state_dict["streams"]) if state_dict.get("streams") else None
 
     def _dataset(self, data: AnySet, train: bool) -> Dataset:
         if isinstance(data, FileImageSet):
@@ -409,6 +439,9 @@ class SourceTargetDataModule(L.LightningDataModule):
             self._dataset(data, train=False),
             batch_size=self.eval_batch_size,
             shuffle=False,
+            # its own seed for the workers: creating the iterator (Lightning does so on resume
+            # where the uninterrupted run did not) leaves the global RNG of training alone
+            generator=torch.Generator().manual_seed(self.split_seed),
             **self._loader_options(data, train=False),
         )
 
