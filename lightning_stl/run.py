@@ -413,8 +413,11 @@ def run_stage(
     datamodule: SourceTargetDataModule,
     run_dir: Path,
     trainer_overrides: dict[str, Any],
+    load_finished: bool = True,
 ) -> dict[str, Any]:
-    """Fit one stage (or pick up its finished result) and return its summary."""
+    """Fit one stage (or pick up its finished result) and return its summary.
+
+    A finished stage's final weights are loaded into ``module`` when ``load_finished``."""
     stage_dir = run_dir / "checkpoints" / stage.name
     done = stage_dir / STAGE_FILE
     datamodule.configure_training(
@@ -422,11 +425,12 @@ def run_stage(
     )
     if done.exists():
         summary = read_stage_file(done, run_dir, stage.name)
-        state = read_checkpoint(
-            summary["last_model_path"], f"load the finished stage {stage.name!r}"
-        )
-        module.load_state_dict(state["state_dict"])
-        log.info("stage %s already finished: loaded %s", stage.name, summary["last_model_path"])
+        if load_finished:
+            state = read_checkpoint(
+                summary["last_model_path"], f"load the finished stage {stage.name!r}"
+            )
+            module.load_state_dict(state["state_dict"])
+        log.info("stage %s already finished (%s)", stage.name, summary["last_model_path"])
         return summary
 
     L.seed_everything(cfg.seed + index, workers=True, verbose=False)
@@ -644,7 +648,7 @@ def _test(
     trainer_overrides: dict[str, Any],
 ) -> float:
     """Load the best-validation checkpoint into ``module`` and return its target test accuracy."""
-    state = torch.load(best, map_location="cpu", weights_only=True)
+    state = read_checkpoint(best, "test the best checkpoint")
     module.load_state_dict(state["state_dict"])
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, callbacks=[], **trainer_overrides
@@ -732,9 +736,15 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     module = build_module(cfg, datamodule, _run_device(cfg, trainer_overrides))
 
     summaries: list[dict[str, Any]] = []
+    finished = [(run_dir / "checkpoints" / s.name / STAGE_FILE).exists() for s in stages]
     for index, stage in enumerate(stages):
+        # a finished stage's weights are read only when a stage after it still has to train
+        # (a finished run reports from its best checkpoint, without any last.ckpt)
+        needed = not all(finished[index + 1 :]) if index + 1 < len(stages) else False
         summaries.append(
-            run_stage(cfg, stage, index, module, datamodule, run_dir, trainer_overrides)
+            run_stage(
+                cfg, stage, index, module, datamodule, run_dir, trainer_overrides, needed
+            )
         )
         if summaries[-1]["status"] != "ok":
             break
