@@ -35,6 +35,8 @@ from typing import Any
 import yaml
 from reproduce_table1 import cell_result, train_cell  # one way to run a cell, shared with Table 1
 
+from lightning_stl.errors import positive_int, reports_input_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
     "finetune_l2": "L²",
@@ -229,11 +231,12 @@ def write_outputs(
         draw_bars(stats, methods, settings, out / "bars.png", f"{args.experiment} ({args.profile})")
 
 
+@reports_input_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="digits")
     parser.add_argument("--profile", default="quick")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per GPU)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once (one per GPU)")
     parser.add_argument("--work", type=Path, default=None, help="default outputs/smile/...")
     parser.add_argument("--data", default=os.environ.get("LIGHTNING_STL_DATA", str(ROOT / "data")))
     parser.add_argument("--out", type=Path, default=None)

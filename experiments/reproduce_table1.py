@@ -33,6 +33,8 @@ from typing import Any
 import optuna
 import yaml
 
+from lightning_stl.errors import positive_int, reports_input_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("target_only", "finetune", "multitask", "smooth")
 COLUMNS = {
@@ -205,12 +207,13 @@ def read_curve(run_dir: Path) -> tuple[list[int], list[float], int | None]:
     return [int(r["step"]) for r in rows], [float(r["target_weight"]) for r in rows], best
 
 
+@reports_input_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="digits")
     parser.add_argument("--profile", default="quick")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="runs at once (one per GPU on a GPU machine)"
+        "--jobs", type=positive_int, default=1, help="runs at once (one per GPU on a GPU machine)"
     )
     parser.add_argument(
         "--work", type=Path, default=None, help="run folders (default outputs/table1/...)"

@@ -118,6 +118,14 @@ class SGDConfig:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("lr", "final_lr", "momentum", "weight_decay", "warmup_fraction", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"optimizer.{name}={value!r} is not allowed: it must be a number")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(
+                f"optimizer.nesterov={self.nesterov!r} is not allowed: it must be true or false"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"optimizer.schedule={self.schedule!r} is not allowed: choose one of "

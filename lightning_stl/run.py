@@ -30,14 +30,21 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from lightning_stl.callbacks import DivergenceGuard, RandomStateCheckpoint, ResumeCheckpoint
+from lightning_stl.callbacks import (
+    DivergenceGuard,
+    RandomStateCheckpoint,
+    ResumeCheckpoint,
+    RunStep,
+)
 from lightning_stl.checkpoint_io import AtomicCheckpointIO, check_writable, read_checkpoint
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
+from lightning_stl.errors import parameters_of, unexpected_keyword, user_message
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_model import SourceModel, download_source_model, read_source_model
@@ -45,6 +52,7 @@ from lightning_stl.quiet import quiet_library_noise
 from lightning_stl.reporting.learning_curve import learning_curve_series, plot_learning_curve
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
+from lightning_stl.settings_check import check_run_settings
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +97,20 @@ class Stage:
                 f"stage {conf.name!r}: max_steps={max_steps} is not allowed: it must be an "
                 "integer >= 1, or null to train for `epochs` epochs"
             )
-        schedule = hydra.utils.instantiate(conf.target_weight, _convert_="all")
+        try:
+            schedule = hydra.utils.instantiate(conf.target_weight, _convert_="all")
+        except InstantiationException as error:
+            key = unexpected_keyword(error)
+            if key is None:
+                raise
+            name = "target_weight"
+            if OmegaConf.is_interpolation(conf, "target_weight"):
+                name = str(conf._get_node("target_weight")._value()).strip("${}")
+            target = hydra.utils.get_class(conf.target_weight._target_)
+            raise ValueError(
+                f"{name}.{key} is not a setting of {target.__name__} (stage {conf.name!r}); "
+                f"its settings: {', '.join(parameters_of(target))}"
+            ) from None
         return cls(
             name=str(conf.name),
             epochs=epochs,
@@ -108,6 +129,27 @@ class Stage:
     @property
     def trains_target(self) -> bool:
         return TARGET in self.target_weight.domains()
+
+
+#: Below this λ(t) at every step, a stage trains the target head in name only.
+NEVER_TARGET = 1e-3
+
+
+def check_reaches_target(stage: Stage, datamodule: SourceTargetDataModule) -> None:
+    """Refuse a stage whose schedule gives the target loss (almost) no weight at every step,
+    e.g. ``method.target_weight.t0=1e9``: its run would report an untrained target head."""
+    if not stage.trains_target or stage.target_weight.domains() == (TARGET,):
+        return
+    datamodule.configure_training(stage.target_weight.domains(), stage.epoch_basis)
+    total = stage.max_steps or stage.epochs * datamodule.steps_per_epoch()
+    weights = [stage.target_weight(t, total) for t in range(1, total + 1)]
+    if max(weights) < NEVER_TARGET:
+        settings = ", ".join(f"{k}={v}" for k, v in stage.target_weight.describe().items())
+        raise ValueError(
+            f"method.target_weight gives λ(t) < {NEVER_TARGET} at every one of the {total} steps "
+            f"of stage {stage.name!r}: the target head would never be trained ({settings}). "
+            "Keep t0 within the run (relative: |t0| < 0.5) and alpha moderate (|alpha| < 5)"
+        )
 
 
 def _backbone_options(cfg: DictConfig) -> dict[str, Any]:
@@ -414,10 +456,12 @@ def run_stage(
     run_dir: Path,
     trainer_overrides: dict[str, Any],
     load_finished: bool = True,
+    step_offset: int = 0,
 ) -> dict[str, Any]:
     """Fit one stage (or pick up its finished result) and return its summary.
 
-    A finished stage's final weights are loaded into ``module`` when ``load_finished``."""
+    A finished stage's final weights are loaded into ``module`` when ``load_finished``;
+    ``step_offset`` is the steps of the stages before it (``run_step`` of the checkpoint names)."""
     stage_dir = run_dir / "checkpoints" / stage.name
     done = stage_dir / STAGE_FILE
     datamodule.configure_training(
@@ -456,7 +500,7 @@ def run_stage(
         extra.update(max_epochs=stage.epochs)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[scheduler, guard, RandomStateCheckpoint(), *callbacks],
+        callbacks=[scheduler, guard, RandomStateCheckpoint(), RunStep(step_offset), *callbacks],
         plugins=[AtomicCheckpointIO()],  # a kill or a full disk never leaves a partial file
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
@@ -650,8 +694,17 @@ def _test(
     """Load the best-validation checkpoint into ``module`` and return its target test accuracy."""
     state = read_checkpoint(best, "test the best checkpoint")
     module.load_state_dict(state["state_dict"])
+    # the training's progress bar (Lightning would pick its Rich bar for a trainer without one)
+    bars = [
+        hydra.utils.instantiate(conf)
+        for conf in (cfg.get("callbacks") or {}).values()
+        if conf is not None and "ProgressBar" in str(conf.get("_target_", ""))
+    ]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=False, callbacks=[], **trainer_overrides
+        cfg.trainer,
+        logger=False,
+        callbacks=bars if cfg.trainer.get("enable_progress_bar", True) else [],
+        **trainer_overrides,
     )
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     return float(results[0]["test/acc"])
@@ -670,6 +723,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
             f"data.cv_folds={folds!r} is not allowed: it must be an integer >= 2, or null"
         )
     run_dir = Path(cfg.paths.output_dir)
+    started = time.perf_counter()
     results = []
     for fold in range(folds):
         fold_cfg = cfg.copy()
@@ -683,6 +737,8 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
         "objective": sum(objectives) / folds,
         "fold_objectives": objectives,
         "status": "ok" if all(r["status"] == "ok" for r in results) else "diverged",
+        "best_val_acc": sum(objectives) / folds,
+        "wall_time_s": time.perf_counter() - started,
     }
     _write_json(run_dir / "cv.json", summary)
     print(f"{folds}-fold cross-validation accuracy {summary['objective']:.4f}  -> {run_dir}")
@@ -691,6 +747,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data`` on a device of its own; see :func:`train_on`."""
+    check_run_settings(cfg)
     data = cfg.get("data") or {}
     if data.get("cv_folds") and data.get("cv_fold", 0) is None:
         return cross_validate(cfg)
@@ -732,6 +789,16 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         stage.validates_target = has_validation
     datamodule.prepare_data()
     datamodule.setup("fit")
+    for domain, channels in datamodule.channels().items():
+        if channels != cfg.backbone.in_chans:
+            name = datamodule.target_name if domain == TARGET else datamodule.source_name
+            raise ValueError(
+                f"backbone.in_chans={cfg.backbone.in_chans} does not fit the data: {name} (the "
+                f"{domain}) has {channels} channel{'s' if channels > 1 else ''}; set "
+                f"backbone.in_chans={channels}"
+            )
+    for stage in stages:
+        check_reaches_target(stage, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
     module = build_module(cfg, datamodule, _run_device(cfg, trainer_overrides))
 
@@ -741,9 +808,10 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         # a finished stage's weights are read only when a stage after it still has to train
         # (a finished run reports from its best checkpoint, without any last.ckpt)
         needed = not all(finished[index + 1 :]) if index + 1 < len(stages) else False
+        offset = sum(s["total_steps"] or 0 for s in summaries)
         summaries.append(
             run_stage(
-                cfg, stage, index, module, datamodule, run_dir, trainer_overrides, needed
+                cfg, stage, index, module, datamodule, run_dir, trainer_overrides, needed, offset
             )
         )
         if summaries[-1]["status"] != "ok":
@@ -880,8 +948,16 @@ def main(cfg: DictConfig) -> float:
             "trials as single runs (one job each, e.g. hydra/launcher=slurm with several GPUs "
             "per task is not supported either), or search with one device per trial"
         )
-    metrics = train(cfg)
-    if metrics["status"] != "ok" and HydraConfig.get().mode == RunMode.RUN:
+    single_run = HydraConfig.get().mode == RunMode.RUN
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        message = user_message(error)
+        if message is None or not single_run:  # a bug keeps its traceback; a sweep records it
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if metrics["status"] != "ok" and single_run:
         # a single run that diverged must not look like a success (a sweep records the value)
         print(
             f"error: the run {metrics['status']} at step "

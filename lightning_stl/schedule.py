@@ -46,6 +46,12 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"target weight {name}={value!r} is not allowed: it must be true or false")
+    return value
+
+
 def _check_finite(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value):
@@ -111,7 +117,7 @@ class SigmoidTargetWeight(TargetWeightSchedule):
         self.t0 = _check_finite("t0", t0)
         self.tau = _check_tau(tau)
         self.alpha = _check_finite("alpha", alpha)
-        self.relative = bool(relative)
+        self.relative = _check_bool("relative", relative)
 
     def absolute(self, total_steps: int) -> tuple[float, float, float]:
         """ω = (t0, τ, α) in optimiser steps for a run of ``total_steps``."""
@@ -175,7 +181,7 @@ class StepTargetWeight(TargetWeightSchedule):
     def __init__(self, t0: float = 0.0, alpha: float = 0.0, relative: bool = True):
         self.t0 = _check_finite("t0", t0)
         self.alpha = _check_finite("alpha", alpha)
-        self.relative = bool(relative)
+        self.relative = _check_bool("relative", relative)
 
     def __call__(self, step: int, total_steps: int) -> float:
         switch = total_steps / 2 + (self.t0 * total_steps if self.relative else self.t0)

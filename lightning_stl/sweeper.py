@@ -188,6 +188,8 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
         if run_dir is not None:
             attrs["run_dir"] = str(run_dir)
             metrics_file = run_dir / "metrics.json"
+            if not metrics_file.exists():  # a cross-validated trial (hparams_search=smile_cv)
+                metrics_file = run_dir / "cv.json"
             if metrics_file.exists():
                 metrics = json.loads(metrics_file.read_text())
                 for key in ("status", "test_acc", "best_val_acc", "best_step", "wall_time_s"):
@@ -397,13 +399,14 @@ def plot_trials(points: Sequence[tuple[int, float]], path: Path, direction: str)
             else (max(running, v) if direction == "maximize" else min(running, v))
         )
         best.append(running)
-    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.5, 3.2), dpi=120)
     ax.scatter(numbers, values, s=12, color="tab:gray", label="trial")
     ax.step(numbers, best, where="post", color="tab:red", lw=1.6, label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("objective (validation accuracy)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # beside the axes, where it can hide no trial
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

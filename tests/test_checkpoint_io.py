@@ -127,17 +127,19 @@ def truncate(path: Path) -> None:
 
 
 def test_resuming_from_a_truncated_checkpoint_stops_with_its_name(make_cfg):
-    cfg = make_cfg()
+    cfg = make_cfg("method=finetune")
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    stage_file = run_dir / "checkpoints" / "joint" / "stage.json"
+    stage_file = run_dir / "checkpoints" / "source" / "stage.json"
     last = run_dir / json.loads(stage_file.read_text())["last_model_path"]
     truncate(last)
-    # a finished stage needs its checkpoint to be loaded again
-    with pytest.raises(DamagedCheckpointError, match=r"load the finished stage 'joint'"):
+    train(cfg)  # a finished run reports from its best checkpoint: the source's is not read
+    shutil.rmtree(run_dir / "checkpoints" / "target")
+    # the target stage starts from the finished source stage, whose checkpoint is damaged
+    with pytest.raises(DamagedCheckpointError, match=r"load the finished stage 'source'"):
         train(cfg)
     stage_file.unlink()  # an unfinished stage resumes from last.ckpt
-    with pytest.raises(DamagedCheckpointError, match=r"resume the unfinished stage 'joint'"):
+    with pytest.raises(DamagedCheckpointError, match=r"resume the unfinished stage 'source'"):
         train(cfg)
 
 

@@ -209,7 +209,9 @@ def test_a_recorded_best_that_is_gone_is_chosen_again_instead_of_failing_at_the_
     assert outcome(run_dir) == uninterrupted("smooth")
 
 
-def test_a_finished_run_reports_again_without_any_last_checkpoint(tmp_path, data_dir, uninterrupted):
+def test_a_finished_run_reports_again_without_any_last_checkpoint(
+    tmp_path, data_dir, uninterrupted
+):
     run_dir = tmp_path / "run"
     assert run_in_child(SETTINGS["finetune"], run_dir, data_dir) == 0
     first = outcome(run_dir)

@@ -145,6 +145,9 @@ def test_finetune_trains_the_source_then_the_target(make_cfg):
     assert [r[2] for r in rows] == [0.0] * 14 + [1.0] * 2
     assert [r[1] for r in rows] == list(range(1, 17))
     assert metrics["best_step"] > 14  # tested checkpoint comes from the fine-tuning stage
+    # ... and is named by the step of the whole run, as metrics.json counts it
+    best = Path(metrics["stages"][-1]["best_model_path"]).name
+    assert best == f"best-step{metrics['best_step']}.ckpt"
     src = final_state(Path(cfg.paths.output_dir), "source")
     tgt = final_state(Path(cfg.paths.output_dir), "target")
     # the fine-tuning stage started from the source stage's backbone, not from scratch
@@ -527,3 +530,19 @@ def test_each_run_draws_its_learning_curves_on_the_runs_step_axis(make_cfg):
     assert_curve_through(accuracy, box, logged, (0, last), (0, 1))
     (best_line,) = vertical_lines(colour_mask(rgb, "tab:blue"), box)
     assert abs(best_line - box.column(metrics["best_step"], (0, last))) <= 2
+
+
+def test_testing_shows_the_progress_bar_that_training_shows(make_cfg, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    bars = []
+    original = L.Trainer.test
+
+    def test(self, *args, **kwargs):
+        bars.append(type(self.progress_bar_callback))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "test", test)
+    train(make_cfg("callbacks=default", "trainer.enable_progress_bar=true"))
+    assert bars == [TQDMProgressBar]  # Lightning would take its Rich bar (rich is installed)

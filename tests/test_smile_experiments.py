@@ -116,9 +116,7 @@ def test_weights_of_another_backbone_name_the_keys(cub_root, imagenet_like_weigh
     cfg = compose_config(
         cub_overrides(imagenet_like_weights, "backbone.name=resnet18"), tmp_path / "run", cub_root
     )
-    with pytest.raises(
-        RuntimeError, match="does not fit backbone 'resnet18'.*(missing|unexpected)"
-    ):
+    with pytest.raises(ValueError, match="does not fit backbone 'resnet18'.*(missing|unexpected)"):
         train(cfg)
 
 

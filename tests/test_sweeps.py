@@ -346,3 +346,37 @@ def test_recovery_fails_dead_trials_and_refuses_a_live_namesake():
     with pytest.raises(RuntimeError, match="worker name 'w' is in use by the live process"):
         make_impl()._recover(live)
     running_trial(live, "other", 999_999)  # another worker's trials are not this sweep's to touch
+
+
+def test_a_cross_validated_trial_reports_its_own_wall_time(tmp_path):
+    # hparams_search=smile_cv: the trial folder holds cv.json (no metrics.json); its wall time is
+    # the trial's, not the whole batch's
+    (tmp_path / "cv.json").write_text(
+        json.dumps({"objective": 0.8, "best_val_acc": 0.8, "status": "ok", "wall_time_s": 12.5})
+    )
+    ret = JobReturn(
+        status=JobStatus.COMPLETED,
+        hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}}),
+    )
+    ret.return_value = 0.8
+    told, attrs, error = make_impl()._outcome(ret)
+    assert told == 0.8 and error is None
+    assert attrs["wall_time_s"] == 12.5 and attrs["best_val_acc"] == 0.8
+
+
+def test_the_legend_of_trials_png_hides_no_trial(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from lightning_stl.sweeper import plot_trials
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    # the last trial is the worst: lower right, where a legend inside the axes would sit
+    points = [(i, 0.9 - 0.02 * i) for i in range(20)]
+    plot_trials(points, tmp_path / "trials.png", "maximize")
+    (figure,) = figures
+    (ax,) = figure.axes
+    renderer = figure.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax.get_window_extent(renderer))
+    plt.close(figure)

@@ -6,6 +6,7 @@ from lightning_stl.callbacks.random_state import RandomStateCheckpoint
 from lightning_stl.callbacks.regsl_projection import RegSLProjection
 from lightning_stl.callbacks.resume_checkpoint import ResumeCheckpoint
 from lightning_stl.callbacks.rifle import RIFLE
+from lightning_stl.callbacks.run_step import RunStep
 
 __all__ = [
     "RIFLE",
@@ -14,4 +15,5 @@ __all__ = [
     "RandomStateCheckpoint",
     "RegSLProjection",
     "ResumeCheckpoint",
+    "RunStep",
 ]

@@ -19,6 +19,7 @@ on the drawn training set (``cv_folds``, ``cv_fold``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,11 @@ class SourceTargetDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} is not allowed: it must be >= 0")
         self.target_name, self.source_name = target, source
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(
+                f"data.root={self.root} is not a folder but a file (data.root is "
+                "paths.data_dir, which $LIGHTNING_STL_DATA sets): point it at the data folder"
+            )
         self.download = bool(download)
         self.target_size = target_size
         if val_size is not None and (
@@ -176,9 +182,11 @@ class SourceTargetDataModule(L.LightningDataModule):
         self.split_seed, self.subset_seed = int(split_seed), int(subset_seed)
         self.options = {TARGET: dict(target_options or {}), SOURCE: dict(source_options or {})}
         self.augment = {
-            TARGET: _as_augment(target_augment, self.target_spec.augment),
+            TARGET: _as_augment(target_augment, self.target_spec.augment, "target_augment"),
             SOURCE: _as_augment(
-                source_augment, self.source_spec.augment if self.source_spec else BatchAugment()
+                source_augment,
+                self.source_spec.augment if self.source_spec else BatchAugment(),
+                "source_augment",
             ),
         }
         self.num_workers = int(num_workers)
@@ -209,6 +217,12 @@ class SourceTargetDataModule(L.LightningDataModule):
         if official_train_size is None:
             return
         pool = official_train_size - self.val_size
+        if pool < 1:
+            raise ValueError(
+                f"data.val_size={self.val_size} is not allowed: {self.target_name} has "
+                f"{official_train_size:,} training images, so 0 to {official_train_size - 1:,} can "
+                "be held out for validation"
+            )
         if n > pool:
             raise ValueError(
                 f"data.target_size={n} exceeds the {pool:,} training images of "
@@ -332,6 +346,13 @@ class SourceTargetDataModule(L.LightningDataModule):
         if trainer is None:
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
+
+    def channels(self) -> dict[str, int]:
+        """Image channels of each training set (after :meth:`setup`); file-based sets are RGB."""
+        return {
+            domain: data.images.shape[1] if isinstance(data, ImageSet) else 3
+            for domain, data in self.train_sets.items()
+        }
 
     def steps_per_epoch(self) -> int:
         """Optimiser steps in one epoch: ⌈|basis set| / (its sub-batch size · processes)⌉."""
@@ -517,9 +538,24 @@ def _check_cv(cv_folds: Any, cv_fold: Any) -> tuple[int | None, int]:
     return int(cv_folds), int(cv_fold)
 
 
-def _as_augment(value: BatchAugment | dict[str, Any] | None, default: BatchAugment) -> BatchAugment:
+def _as_augment(
+    value: BatchAugment | dict[str, Any] | None, default: BatchAugment, name: str
+) -> BatchAugment:
+    """``data.<name>``: null (the data set's default), a BatchAugment, or its settings."""
     if value is None:
         return default
     if isinstance(value, BatchAugment):
         return value
-    return BatchAugment(**dict(value))
+    settings = ", ".join(f.name for f in dataclasses.fields(BatchAugment))
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"data.{name}={value!r} is not allowed: it must be null (the data set's default) or "
+            f"settings of the batch augmentation: {settings}"
+        )
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(BatchAugment)})
+    if unknown:
+        raise ValueError(
+            f"data.{name}.{unknown[0]} is not a setting of the batch augmentation; its "
+            f"settings: {settings}"
+        )
+    return BatchAugment(**value)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_stl.errors import PicklableError
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(PicklableError, FileNotFoundError):
     """A data set is not on disk and may not (or could not) be downloaded.
 
     The message names the folder that was searched, the files expected there, and the setting
@@ -21,6 +23,7 @@ class DatasetNotFoundError(FileNotFoundError):
         reason: str | None = None,
         hint: str | None = None,
     ) -> None:
+        self._keep((name, folder, expected, reason, hint), {})
         files = ", ".join(expected)
         advice = hint or (
             "Put the files there, or set data.download=true to download them into data.root"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import warnings
@@ -24,6 +25,7 @@ import torch
 from lightning_stl.data.augment import BatchAugment
 from lightning_stl.data.file_image_set import FileImageSet
 from lightning_stl.data.image_set import ImageSet
+from lightning_stl.errors import parameters_of
 
 Splits = dict[str, ImageSet | FileImageSet]
 
@@ -57,6 +59,18 @@ class DatasetSpec:
                 cache_file.unlink(missing_ok=True)
         module, function = self.loader.split(":")
         load: Callable[..., Splits] = getattr(importlib.import_module(module), function)
+        accepted = parameters_of(load)
+        takes_any = any(
+            p.kind is p.VAR_KEYWORD for p in inspect.signature(load).parameters.values()
+        )
+        unknown = [] if takes_any else sorted(set(options) - set(accepted))
+        if unknown:
+            own = [p for p in accepted if p not in ("root", "download")]
+            raise ValueError(
+                f"{unknown[0]} is not an option of the data set '{function.removeprefix('load_')}' (set in "
+                f"data.source_options or data.target_options, which belong to the data set "
+                f"chosen before); its options: {', '.join(own) or 'none'}"
+            )
         splits = load(root, download=download, **options)
         if cache_file is not None:
             try:

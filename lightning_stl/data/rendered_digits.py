@@ -414,13 +414,13 @@ def block_counts(bitmaps: np.ndarray) -> np.ndarray:
 def _check_num_images(num_images: object) -> int:
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)):
         raise ValueError(
-            f"num_images must be an int >= {MIN_NUM_IMAGES}, got {num_images!r} "
-            f"({type(num_images).__name__})"
+            f"rendered_digits num_images={num_images!r} is not allowed: it must be an integer "
+            f">= {MIN_NUM_IMAGES} (got a {type(num_images).__name__})"
         )
     if num_images < MIN_NUM_IMAGES:
         raise ValueError(
-            f"num_images must be an int >= {MIN_NUM_IMAGES} (at least one image per class), "
-            f"got {num_images}"
+            f"rendered_digits num_images={num_images} is not allowed: it must be an integer "
+            f">= {MIN_NUM_IMAGES} (at least one image per class)"
         )
     return int(num_images)
 

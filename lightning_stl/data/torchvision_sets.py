@@ -137,6 +137,16 @@ def _torchvision_errors(
         if status == names and all((root / file).is_file() for file in names):
             raise  # every file is in place and intact: the error is something else
         raise DatasetNotFoundError(name, root, status) from exc
+    except DatasetNotFoundError:
+        raise
+    except Exception as exc:  # the files are there but do not decode (torchvision asserts)
+        names = ", ".join(file for file, _ in files)
+        raise ValueError(
+            f"the files of data set '{name}' in {root} cannot be read ({type(exc).__name__}: "
+            f"{_one_line(exc) or 'bad format'}): they are damaged or not the official files "
+            f"({names}). Delete them and put the official files there (or set "
+            "data.download=true)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import timm
 from timm.models import load_state_dict, register_model, split_model_name_tag
 from torch import Tensor, nn
 
+from lightning_stl.errors import PicklableError
+
 __all__ = [
     "PretrainedFileError",
     "check_state_fits",
@@ -88,7 +90,7 @@ def check_unused_kwargs(kwargs: Mapping[str, Any], owner: str) -> None:
         raise TypeError(f"{owner} got unsupported keyword argument(s): {names}")
 
 
-class PretrainedFileError(RuntimeError):
+class PretrainedFileError(PicklableError, ValueError):
     """A pretrained state-dict file does not fit the model it is loaded into.
 
     ``missing`` are the model's keys absent from the file, ``unexpected`` the file's keys the
@@ -104,6 +106,7 @@ class PretrainedFileError(RuntimeError):
         unexpected: list[str],
         mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
     ) -> None:
+        self._keep((path, model_name, missing, unexpected, mismatched), {})
         parts = []
         if missing:
             parts.append(f"missing keys: {_show(missing)}")

@@ -95,7 +95,15 @@ def read_source_model(path: str | Path, backbone: nn.Module) -> SourceModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone.weights='{path}' does not exist")
-    state = dict(load_state_dict(str(path), weights_only=True))
+    try:
+        state = dict(load_state_dict(str(path), weights_only=True))
+    except Exception as error:  # not a (safe) torch file: pickle, zip or format errors
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise ValueError(
+            f"backbone.weights='{path}' cannot be read as weights ({type(error).__name__}: "
+            f"{reason}): give a state dict or checkpoint saved with torch.save (a .pth, .pt or "
+            ".ckpt file of tensors)"
+        ) from None
     project = _project_split(state)
     if project is not None:
         state, classifier = project
