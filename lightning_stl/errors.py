@@ -42,6 +42,21 @@ def _rebuild(cls: type[Exception], args: tuple[Any, ...], kwargs: dict[str, Any]
     return cls(*args, **kwargs)
 
 
+_TRAINING_STARTED = False
+
+
+def mark_training_started() -> None:
+    """Called at every training batch (``run_stage``): from then on an error is not one of the
+    input (every setting is checked before the first batch) and keeps its traceback."""
+    global _TRAINING_STARTED
+    _TRAINING_STARTED = True
+
+
+def training_started() -> bool:
+    """Whether this process has begun a training batch."""
+    return _TRAINING_STARTED
+
+
 #: Errors that mean "this input is not allowed" (each check raises one of them).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -107,7 +122,7 @@ def reports_input_errors(main: Callable[[], Any]) -> Callable[[], Any]:
         try:
             return main()
         except Exception as error:
-            message = user_message(error)
+            message = user_message(error)  # workers' errors: training_started() is theirs
             if message is None:
                 raise
             print(f"error: {message}", file=sys.stderr)

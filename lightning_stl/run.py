@@ -31,10 +31,11 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LambdaCallback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from lightning_stl import errors
 from lightning_stl.callbacks import (
     DivergenceGuard,
     RandomStateCheckpoint,
@@ -44,7 +45,7 @@ from lightning_stl.callbacks import (
 from lightning_stl.checkpoint_io import AtomicCheckpointIO, check_writable, read_checkpoint
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
-from lightning_stl.errors import parameters_of, unexpected_keyword, user_message
+from lightning_stl.errors import parameters_of, training_started, unexpected_keyword, user_message
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_model import SourceModel, download_source_model, read_source_model
@@ -148,7 +149,7 @@ def check_reaches_target(stage: Stage, datamodule: SourceTargetDataModule) -> No
         raise ValueError(
             f"method.target_weight gives λ(t) < {NEVER_TARGET} at every one of the {total} steps "
             f"of stage {stage.name!r}: the target head would never be trained ({settings}). "
-            "Keep t0 within the run (relative: |t0| < 0.5) and alpha moderate (|alpha| < 5)"
+            "Keep t0 within the run (relative: |t0| < 0.5) and alpha within a few units of 0"
         )
 
 
@@ -421,7 +422,9 @@ def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Call
             log.info("stage %s does not validate: callback %s left out", stage.name, key)
         else:
             callbacks.append(hydra.utils.instantiate(conf))
-    if not any(type(c) is ModelCheckpoint for c in callbacks):
+    if not any(
+        isinstance(c, ModelCheckpoint) and not isinstance(c, ResumeCheckpoint) for c in callbacks
+    ):
         raise ValueError(
             "callbacks.model_checkpoint is required: every run tests its best checkpoint"
         )
@@ -500,7 +503,14 @@ def run_stage(
         extra.update(max_epochs=stage.epochs)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[scheduler, guard, RandomStateCheckpoint(), RunStep(step_offset), *callbacks],
+        callbacks=[
+            scheduler,
+            guard,
+            RandomStateCheckpoint(),
+            RunStep(step_offset),
+            LambdaCallback(on_train_batch_start=lambda *_: errors.mark_training_started()),
+            *callbacks,
+        ],
         plugins=[AtomicCheckpointIO()],  # a kill or a full disk never leaves a partial file
         logger=_loggers(cfg, stage),
         default_root_dir=str(run_dir),
@@ -952,8 +962,9 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = train(cfg)
     except Exception as error:
-        message = user_message(error)
-        if message is None or not single_run:  # a bug keeps its traceback; a sweep records it
+        # an error once training has begun is not one of the input: it keeps its traceback
+        message = None if training_started() else user_message(error)
+        if message is None or not single_run:  # a sweep records it as the trial's failure
             raise
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -166,7 +166,13 @@ def files(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("overrides", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_a_bad_input_stops_before_training_with_one_message(make_cfg, files, overrides, words):
+def test_a_bad_input_stops_before_training_with_one_message(
+    make_cfg, files, overrides, words, monkeypatch
+):
+    def no_training() -> None:
+        raise AssertionError("a training batch began before the input was refused")
+
+    monkeypatch.setattr("lightning_stl.errors.mark_training_started", no_training)
     overrides = [o.replace("{tmp}", str(files)) for o in overrides]
     output = None
     for o in overrides:
@@ -187,7 +193,7 @@ def test_a_bad_input_stops_before_training_with_one_message(make_cfg, files, ove
         assert found, f"{word!r} not in (the rest of) {message!r}"
         position = found.end()
     run_dir = Path(cfg.paths.output_dir)
-    assert not list(run_dir.rglob("*.ckpt")), "training started before the message"
+    assert not list(run_dir.rglob("*.ckpt")), "a checkpoint was written before the message"
 
 
 def test_the_table_counts_every_case():

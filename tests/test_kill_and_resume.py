@@ -19,8 +19,10 @@ import shutil
 import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from omegaconf import open_dict
 
 from lightning_stl.run import compose_config, train
 
@@ -221,3 +223,43 @@ def test_a_finished_run_reports_again_without_any_last_checkpoint(
     (run_dir / "metrics.json").unlink()
     assert run_in_child(SETTINGS["finetune"], run_dir, data_dir) == 0
     assert outcome(run_dir) == first
+
+
+class ValidationProbe(L.Callback):
+    """Records, at each batch end, whether ResumeCheckpoint expects a validation next, and the
+    steps at which validations really ran."""
+
+    expected: list[int] = []
+    validated: list[int] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        from lightning_stl.callbacks.resume_checkpoint import _validates_after_this_batch
+
+        if _validates_after_this_batch(trainer):
+            ValidationProbe.expected.append(trainer.global_step)
+
+    def on_validation_start(self, trainer, *args) -> None:
+        ValidationProbe.validated.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["epochs.joint=3"],  # once an epoch (7 steps)
+        ["+experiment=digits_smile", "pretraining.on_source=false", "steps.finetune=25"],
+    ],
+    ids=["every-epoch", "every-5-epochs-and-max-steps"],
+)
+def test_the_resume_checkpoint_knows_which_steps_validate(make_cfg, overrides):
+    # it leans on Lightning's private rule (_should_check_val_fx): this fails if that changes
+    ValidationProbe.expected, ValidationProbe.validated = [], []
+    cfg = make_cfg(
+        *overrides, "+callbacks.probe._target_=tests.test_kill_and_resume.ValidationProbe"
+    )
+    if "+experiment=digits_smile" in overrides:
+        with open_dict(cfg):
+            cfg.method.module.feature_mixup_weight = 0.0  # no teacher: no source model needed
+            cfg.method.module.label_mixup_weight = 0.0
+            cfg.method.callbacks = None
+    train(cfg)
+    assert ValidationProbe.validated and ValidationProbe.expected == ValidationProbe.validated

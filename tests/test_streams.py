@@ -71,3 +71,50 @@ def test_iterating_the_streams_leaves_the_global_rng_alone():
     for _ in range(2):
         list(loader)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """40 small RGB images of two classes, as files (a fine-grained data set in miniature)."""
+    import numpy as np
+    from PIL import Image
+
+    from lightning_stl.data.file_image_set import FileImageSet
+
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(40):
+        name = f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+        names.append(name)
+    return FileImageSet(tmp_path, np.array(names), torch.arange(40) % 2, num_classes=2)
+
+
+def _file_loader(data, workers: int) -> ResumableLoader:
+    from lightning_stl.data.file_image_set import FileImageDataset, smile_transform
+
+    dataset = FileImageDataset(data, smile_transform(True, resize_size=16, crop_size=12))
+    sampler = EpochPermutationSampler(len(dataset), len(dataset), seed=3, with_seeds=True)
+    return ResumableLoader(dataset, sampler, 4, num_workers=workers, persistent_workers=workers > 0)
+
+
+@pytest.mark.parametrize("consumed", [3, 10])  # mid-epoch, and a finished epoch
+def test_random_crops_in_workers_resume_exactly(image_files, consumed):
+    # Each image's crop and flip come from its place in the stream, not from the worker that
+    # loads it: a resumed loader (new workers, other batches per worker) makes the same batches.
+    original = _file_loader(image_files, workers=2)
+    batches = [x for x, _ in original]  # epoch 0, ten batches
+    original.sampler.set_epoch(1)
+    epoch1 = [x for x, _ in original]
+    state = {"seed": 3, "epoch": 0, "batches": consumed}
+    resumed = _file_loader(image_files, workers=2)
+    resumed.load_state_dict(state)
+    expected = batches[consumed:] if consumed < len(batches) else epoch1
+    got = [x for x, _ in resumed]
+    assert len(got) == len(expected) and all(
+        torch.equal(a, b) for a, b in zip(got, expected, strict=True)
+    )
+    # the crops are random: two epochs differ, and no worker's RNG decides them
+    assert not all(torch.equal(a, b) for a, b in zip(batches, epoch1, strict=True))
+    single = _file_loader(image_files, workers=0)
+    assert all(torch.equal(a, b) for a, b in zip([x for x, _ in single], batches, strict=True))

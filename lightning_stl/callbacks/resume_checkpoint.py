@@ -98,6 +98,8 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._save(trainer)
 
     def _due(self, trainer: L.Trainer) -> bool:
+        if trainer.fit_loop._should_accumulate():  # accumulated gradients are not saved
+            return False
         by_steps = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
         by_time = False
         if self.every_n_minutes is not None:
@@ -147,11 +149,18 @@ class ResumeCheckpoint(ModelCheckpoint):
                 "next validation on",
                 best,
             )
-            callback.best_model_path, callback.best_model_score = "", None
-            callback.kth_best_model_path, callback.kth_value = "", callback.kth_value
-            callback.best_k_models = {
-                p: s for p, s in callback.best_k_models.items() if Path(p).exists()
-            }
+            kept = {p: s for p, s in callback.best_k_models.items() if Path(p).exists()}
+            callback.best_k_models = kept
+            if kept:  # the best and the k-th of the checkpoints that are left
+                pick = max if callback.mode == "max" else min
+                worst = min if callback.mode == "max" else max
+                callback.best_model_path = pick(kept, key=lambda p: float(kept[p]))
+                callback.best_model_score = kept[callback.best_model_path]
+                callback.kth_best_model_path = worst(kept, key=lambda p: float(kept[p]))
+                callback.kth_value = kept[callback.kth_best_model_path]
+            else:
+                callback.best_model_path, callback.best_model_score = "", None
+                callback.kth_best_model_path = ""
 
 
 def _moved(path: str, old: str, new: str) -> str:
@@ -162,7 +171,8 @@ def _validates_after_this_batch(trainer: L.Trainer) -> bool:
     """Whether Lightning runs a validation right after the batch that just ended.
 
     Asks the training epoch loop's own rule (``_should_check_val_fx``, private in Lightning
-    2.x; ``tests/test_resume_checkpoint.py`` fails if it goes away).
+    2.x; ``tests/test_kill_and_resume.py::test_the_resume_checkpoint_knows_which_steps_validate``
+    fails if it goes away or changes).
     """
     loop = trainer.fit_loop.epoch_loop
     return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))

@@ -393,6 +393,13 @@ class SourceTargetDataModule(L.LightningDataModule):
         """
         steps = self.steps_per_epoch()
         world, rank = self._world()
+        connector = getattr(getattr(self, "trainer", None), "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                f"trainer.use_distributed_sampler=true with {world} processes: each process "
+                "draws its own stream of sub-batches here, and Lightning's distributed sampler "
+                "would replace it; use trainer=ddp (it sets use_distributed_sampler: false)"
+            )
         seed = self.stream_seed
         if seed is None:  # not chosen by configure_training: from the seeded global RNG
             seed = self.stream_seed = int(torch.randint(0, 2**62, ()))
@@ -402,7 +409,11 @@ class SourceTargetDataModule(L.LightningDataModule):
             dataset = self._dataset(data, train=True)
             batch = self.batch_size[domain]
             sampler = EpochPermutationSampler(
-                len(dataset), steps * batch, seed, stream=index + len(EPOCH_BASES) * rank
+                len(dataset),
+                steps * batch,
+                seed,
+                stream=index + len(EPOCH_BASES) * rank,
+                with_seeds=isinstance(data, FileImageSet),  # transformed image by image
             )
             loaders[domain] = ResumableLoader(
                 dataset, sampler, batch, **self._loader_options(data, train=True)

@@ -160,7 +160,20 @@ class FileImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        """Image ``key``, or ``(index, seed)``: its random transform drawn from ``seed`` (see
+        :class:`~lightning_stl.data.streams.EpochPermutationSampler`), leaving the process's RNG
+        as it was."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         with Image.open(self.data.path(index)) as image:
             rgb = image.convert("RGB")
-        return self.transform(rgb), int(self.data.labels[index])
+        if seed is None:
+            return self.transform(rgb), int(self.data.labels[index])
+        # only the CPU generator, which torchvision's random transforms draw from
+        # (torch.manual_seed would also seed every device's, 100x slower)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.transform(rgb), int(self.data.labels[index])
+        finally:
+            torch.set_rng_state(state)

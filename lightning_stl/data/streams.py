@@ -38,11 +38,19 @@ class EpochPermutationSampler(Sampler[int]):
     (the last one cut), as ``RandomSampler(replacement=False, num_samples=...)`` draws them, but
     seeded by ``(seed, epoch)`` so that any epoch can be drawn again.
 
+    With ``with_seeds`` it yields ``(index, seed)``: a data set that transforms each image at
+    random in the DataLoader's workers (:class:`~lightning_stl.data.FileImageDataset`) seeds
+    that image's transform with it, so the crops and flips depend on the image's place in the
+    stream, not on which worker, in which process, drew it (workers keep their RNG across epochs
+    and are started anew by a resumed run).
+
     ``set_epoch`` (which Lightning calls at the start of every epoch, as for a
     ``DistributedSampler``) chooses the epoch; ``start`` skips the first indices of it once.
     """
 
-    def __init__(self, size: int, num_samples: int, seed: int, stream: int = 0):
+    def __init__(
+        self, size: int, num_samples: int, seed: int, stream: int = 0, with_seeds: bool = False
+    ):
         if size < 1 or num_samples < 0:
             raise ValueError(
                 f"a stream needs size >= 1 and num_samples >= 0, got {size}, {num_samples}"
@@ -51,6 +59,7 @@ class EpochPermutationSampler(Sampler[int]):
         self.seed, self.stream = int(seed), int(stream)
         self.epoch = 0
         self.start = 0
+        self.with_seeds = bool(with_seeds)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -62,9 +71,16 @@ class EpochPermutationSampler(Sampler[int]):
         draws = [torch.randperm(self.size, generator=generator) for _ in range(rounds)]
         return torch.cat(draws)[: self.num_samples] if draws else torch.empty(0, dtype=torch.long)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         start, self.start = self.start, 0
-        yield from self.indices(self.epoch)[start:].tolist()
+        indices = self.indices(self.epoch)[start:].tolist()
+        if not self.with_seeds:
+            yield from indices
+            return
+        # a seed per position of the epoch, for the random transform of that one image
+        base = stream_seed(self.seed, self.epoch, self.stream + 104729)
+        for position, index in enumerate(indices, start):
+            yield index, (base + _EPOCH_MIX * (position + 1)) % 2**63
 
     def __len__(self) -> int:
         return self.num_samples
