@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lightning_stl.run import build_module, compose_config
+from lightning_stl.method_module import build_module
+from lightning_stl.run import compose_config
 from lightning_stl.schedule import TARGET
 
 DEFAULT_METHODS = ["finetune_l2", "mixup", "smile", "smile_official"]

@@ -67,7 +67,8 @@ def train_cell(overrides: list[str], run_dir: str, data_dir: str) -> dict[str, A
     again; one that holds a run of other settings (e.g. a profile's overrides changed since) is
     refused with the folder and the settings that differ, never reused silently.
     """
-    from lightning_stl.run import check_same_run, compose_config, train
+    from lightning_stl.run import compose_config, train
+    from lightning_stl.run_files import check_same_run
 
     cfg = compose_config(overrides, run_dir, data_dir)
     metrics_file = Path(run_dir) / "metrics.json"

@@ -232,7 +232,7 @@ def read_run(run_dir: str | Path, checkpoint: str = "best") -> RunFolder:
 
 def module_class(identity: dict[str, Any]) -> type[L.LightningModule]:
     """The LightningModule class of a run's method (``method.module._target_``; SmoothTransfer
-    when the method has no module, as :func:`lightning_stl.run.build_module` does)."""
+    when the method has no module, as :func:`lightning_stl.method_module.build_module` does)."""
     target = ((identity.get("method") or {}).get("module") or {}).get("_target_")
     return hydra.utils.get_class(target or "lightning_stl.methods.SmoothTransfer")
 

@@ -77,7 +77,7 @@ def check_run_settings(cfg: DictConfig) -> None:
 @cache
 def known_method_keys() -> frozenset[str]:
     """The keys that some ``conf/method/*.yaml`` sets (what the entry point reads of a method)."""
-    from lightning_stl.run import _config_dir
+    from lightning_stl.config_files import _config_dir
 
     keys: set[str] = set()
     for path in Path(_config_dir(), "method").glob("*.yaml"):

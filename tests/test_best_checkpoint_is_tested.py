@@ -17,7 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-import lightning_stl.run as run_module
+import lightning_stl.stages as stages_module
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.run import train
 
@@ -74,8 +74,8 @@ def own_test_accuracy(datamodule, state: dict[str, torch.Tensor]) -> float:
 def test_metrics_report_the_best_checkpoint_not_the_last_weights(make_cfg, monkeypatch):
     """``test_acc`` is the best-validation checkpoint's accuracy, not the ruined final weights'."""
     ruin = RuinLastValidation()
-    original = run_module._callbacks
-    monkeypatch.setattr(run_module, "_callbacks", lambda *args: [*original(*args), ruin])
+    original = stages_module._callbacks
+    monkeypatch.setattr(stages_module, "_callbacks", lambda *args: [*original(*args), ruin])
     # mostly target-weighted multi-task learning: the first validations beat the ruined one
     cfg = make_cfg("method=multitask", "method.weight=0.9", "epochs.joint=3")
     metrics = train(cfg)

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_stl.checkpoint_io as checkpoint_io
 import lightning_stl.run as run_module
+import lightning_stl.stages as stages_module
 from lightning_stl.checkpoint_io import (
     AtomicCheckpointIO,
     DamagedCheckpointError,
@@ -87,8 +88,8 @@ class CheckpointIOSeen(Callback):
 
 def test_every_run_saves_its_checkpoints_atomically(make_cfg, monkeypatch):
     seen = CheckpointIOSeen()
-    original = run_module._callbacks
-    monkeypatch.setattr(run_module, "_callbacks", lambda *args: [*original(*args), seen])
+    original = stages_module._callbacks
+    monkeypatch.setattr(stages_module, "_callbacks", lambda *args: [*original(*args), seen])
     saved: list[Path] = []
     real = checkpoint_io.write_atomically
     monkeypatch.setattr(

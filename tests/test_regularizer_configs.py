@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lightning_stl.method_module import resolve_regularizers
 from lightning_stl.methods import FineTune
-from lightning_stl.run import compose_config, resolve_regularizers, train
+from lightning_stl.run import compose_config, train
 
 METHODS = {
     "l2sp": ["lightning_stl.regularizers.l2sp.L2SP"],

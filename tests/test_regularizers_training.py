@@ -21,6 +21,7 @@ from lightning_stl.callbacks.regsl_projection import (
     projection_radii,
 )
 from lightning_stl.callbacks.rifle import RIFLE, rifle_steps
+from lightning_stl.method_module import resolve_regularizers
 from lightning_stl.methods import FineTune
 from lightning_stl.models import create_backbone
 from lightning_stl.models.source_model import SourceModel
@@ -37,7 +38,7 @@ from lightning_stl.regularizers.regsl import (
     loss_weights,
     reweight_temperature,
 )
-from lightning_stl.run import compose_config, resolve_regularizers
+from lightning_stl.run import compose_config
 from lightning_stl.schedule import TARGET
 
 K_T, K_S, FEATURES = 4, 6, 128
@@ -229,7 +230,7 @@ COTUNING = "lightning_stl.regularizers.cotuning.CoTuning"
 
 def cotuning_setup(method: str = "direct", n: int = 40, **kwargs):
     """A FineTune with Co-Tuning, loaded with a source model whose classifier has K_S classes
-    (as lightning_stl.run.build_module does), and a stub of the target training data."""
+    (as lightning_stl.method_module.build_module does), and a stub of the target training data."""
     torch.manual_seed(0)
     module = finetune(
         num_source_classes=K_S, regularizers=[{"_target_": COTUNING, "method": method, **kwargs}]

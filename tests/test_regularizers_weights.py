@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stl.data import SourceTargetDataModule
+from lightning_stl.method_module import resolve_regularizers
 from lightning_stl.methods import FineTune
 from lightning_stl.regularizers.base import FineTuneStep
 from lightning_stl.regularizers.bss import BatchSpectralShrinkage
@@ -30,7 +31,6 @@ from lightning_stl.regularizers.delta import (
     pooled_features,
 )
 from lightning_stl.regularizers.l2sp import L2SP
-from lightning_stl.run import resolve_regularizers
 
 L2SP_TARGET = "lightning_stl.regularizers.l2sp.L2SP"
 DELTA_TARGET = "lightning_stl.regularizers.delta.DELTA"

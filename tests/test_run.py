@@ -423,7 +423,7 @@ def test_a_run_waiting_for_the_pretraining_lock_says_who_holds_it(tmp_path, capl
     import os
     import threading
 
-    from lightning_stl.run import _lock_saying_who_holds_it
+    from lightning_stl.pretraining import _lock_saying_who_holds_it
 
     path = tmp_path / "lock"
     holder = open(path, "a+")  # noqa: SIM115 (held across the thread below)
@@ -439,7 +439,7 @@ def test_a_run_waiting_for_the_pretraining_lock_says_who_holds_it(tmp_path, capl
             lock.seek(0)
             second_run.line = lock.read()
 
-    caplog.set_level("WARNING", logger="lightning_stl.run")
+    caplog.set_level("WARNING", logger="lightning_stl")
     thread = threading.Thread(target=second_run)
     thread.start()
     deadline = time.monotonic() + 20

@@ -21,7 +21,7 @@ from scipy import stats
 from torch import nn
 
 import lightning_stl.methods.finetune as finetune_module
-import lightning_stl.run as run_module
+import lightning_stl.stages as stages_module
 from lightning_stl.methods import FineTune
 from lightning_stl.models import create_backbone
 from lightning_stl.regularizers import (
@@ -606,7 +606,7 @@ def test_digits_smile_runs_and_a_second_run_reuses_the_cached_pretraining(
     make_cfg, tmp_path, caplog
 ):
     cache = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger="lightning_stl.run")
+    caplog.set_level(logging.INFO, logger="lightning_stl")
     first = make_cfg(*SMILE_TINY, f"pretraining.cache_dir={cache}", output_dir=tmp_path / "smile")
     metrics = train(first)
     written = json.loads((tmp_path / "smile" / "metrics.json").read_text())
@@ -715,8 +715,8 @@ def test_the_official_teacher_moves_inside_step_10_and_keeps_the_pretrained_stat
     happened (inside step 10), of the parameters only: the BatchNorm statistics stay the source's
     while the student's moved."""
     end = EndState()
-    original = run_module._callbacks
-    monkeypatch.setattr(run_module, "_callbacks", lambda *args: [*original(*args), end])
+    original = stages_module._callbacks
+    monkeypatch.setattr(stages_module, "_callbacks", lambda *args: [*original(*args), end])
     cfg = make_cfg(
         *SMILE_TINY,
         f"pretraining.cache_dir={shared_cache}",
@@ -772,7 +772,7 @@ def test_the_same_seed_gives_the_same_run_whether_the_pretraining_is_cached_or_n
     make_cfg, tmp_path, caplog
 ):
     cache = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger="lightning_stl.run")
+    caplog.set_level(logging.INFO, logger="lightning_stl")
     fresh = make_cfg(*SMILE_TINY, f"pretraining.cache_dir={cache}", output_dir=tmp_path / "a")
     cached = make_cfg(*SMILE_TINY, f"pretraining.cache_dir={cache}", output_dir=tmp_path / "b")
     a = train(fresh)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-import lightning_stl.run as run_module
+import lightning_stl.stages as stages_module
 from lightning_stl.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -79,9 +79,9 @@ def logged_weights(run_dir: Path) -> dict[int, float]:
 def test_each_step_loss_is_eq3_with_the_logged_target_weight(make_cfg, monkeypatch, overrides):
     """Every step's loss equals λ(t)·CE_T + (1 − λ(t))·CE_S by hand, with the logged λ(t)."""
     recorder = StepLossRecorder()
-    original = run_module._callbacks
+    original = stages_module._callbacks
     monkeypatch.setattr(
-        run_module, "_callbacks", lambda *args: [*original(*args), recorder], raising=True
+        stages_module, "_callbacks", lambda *args: [*original(*args), recorder], raising=True
     )
     # no dropout: the hand forward must see the network the step saw
     cfg = make_cfg(*overrides, "backbone.options.drop_rate=0.0", "batchnorm=shared")

@@ -16,7 +16,8 @@ from lightning_stl.callbacks import MeanTeacherUpdate
 from lightning_stl.methods import FineTune, SmoothTransfer
 from lightning_stl.models import PretrainedFileError, create_backbone
 from lightning_stl.models.source_model import SourceModel, read_source_model
-from lightning_stl.run import resolve_source_model, train
+from lightning_stl.pretraining import resolve_source_model
+from lightning_stl.run import train
 from lightning_stl.schedule import SOURCE, TARGET, ConstantTargetWeight, TargetWeightScheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -33,7 +33,7 @@ the paper's exponentially growing radii. All of them are meant to be tuned per d
 
 The pre-trained weights W⁰ are snapshotted in the callback's ``setup`` hook, which Lightning runs
 before it restores a checkpoint: they are the weights the module holds when ``Trainer.fit``
-starts (the loaded source model, :func:`lightning_stl.run.build_module`), also for a resumed run,
+starts (the loaded source model, :func:`lightning_stl.method_module.build_module`), also for a resumed run,
 and they are not saved in checkpoints.
 """
 
