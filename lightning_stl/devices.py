@@ -16,6 +16,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +90,16 @@ def wants_device_pool(
     if enabled is True or str(enabled).lower() == "true":
         return single and on_gpu and cuda_devices >= 1
     return single and on_gpu and cuda_devices > 1
+
+
+def training_device(cfg: Any, trainer_overrides: dict[str, Any]) -> torch.device:
+    """The device the trainer of ``cfg`` will use (the claimed GPU, the first GPU, or the CPU)."""
+    import torch  # here: claiming a GPU needs no torch
+    from omegaconf import ListConfig
+
+    accelerator = str(trainer_overrides.get("accelerator", cfg.trainer.get("accelerator", "auto")))
+    devices = trainer_overrides.get("devices", cfg.trainer.get("devices", "auto"))
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        index = devices[0] if isinstance(devices, list | ListConfig) and devices else 0
+        return torch.device(f"cuda:{int(index)}")
+    return torch.device("cpu")

@@ -16,7 +16,6 @@ folder, and returns the best validation accuracy for a sweeper to maximise.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,19 +24,23 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from lightning_stl.checkpoint_io import check_writable, read_checkpoint
 from lightning_stl.config_files import _config_dir, compose_config
 from lightning_stl.cross_validation import cross_validate
 from lightning_stl.data import SourceTargetDataModule
-from lightning_stl.devices import claim_device, physical_device_names, wants_device_pool
+from lightning_stl.devices import (
+    claim_device,
+    physical_device_names,
+    training_device,
+    wants_device_pool,
+)
 from lightning_stl.errors import training_started, user_message
 from lightning_stl.method_module import build_module
 from lightning_stl.quiet import quiet_library_noise
-from lightning_stl.run_files import _write_run_files, check_same_run
-from lightning_stl.schedule import TARGET, TargetWeightSchedule
-from lightning_stl.settings_check import check_run_settings
+from lightning_stl.run_files import check_same_run, report_run
+from lightning_stl.settings_check import check_backbone_fits_data, check_run_settings
 from lightning_stl.stages import STAGE_FILE, Stage, check_reaches_target, run_stage
 
 log = logging.getLogger(__name__)
@@ -115,18 +118,11 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         stage.validates_target = has_validation
     datamodule.prepare_data()
     datamodule.setup("fit")
-    for domain, channels in datamodule.channels().items():
-        if channels != cfg.backbone.in_chans:
-            name = datamodule.target_name if domain == TARGET else datamodule.source_name
-            raise ValueError(
-                f"backbone.in_chans={cfg.backbone.in_chans} does not fit the data: {name} (the "
-                f"{domain}) has {channels} channel{'s' if channels > 1 else ''}; set "
-                f"backbone.in_chans={channels}"
-            )
+    check_backbone_fits_data(cfg, datamodule)
     for stage in stages:
         check_reaches_target(stage, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
-    module = build_module(cfg, datamodule, _run_device(cfg, trainer_overrides))
+    module = build_module(cfg, datamodule, training_device(cfg, trainer_overrides))
 
     summaries: list[dict[str, Any]] = []
     finished = [(run_dir / "checkpoints" / s.name / STAGE_FILE).exists() for s in stages]
@@ -143,97 +139,22 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         if summaries[-1]["status"] != "ok":
             break
     final = summaries[-1]
-    status = final["status"]
     best_path = None
     if len(summaries) == len(stages):  # without validation, the final model is tested
         best_path = final["best_model_path"] if has_validation else final["last_model_path"]
     test_acc = _test(cfg, module, datamodule, best_path, trainer_overrides) if best_path else None
 
-    offset, rows, stage_starts = 0, [], []
-    for summary in summaries:
-        stage_starts.append((summary["name"], offset))
-        for step, weight in summary["target_weight"]:
-            rows.append((summary["name"], step, offset + step, weight))
-        offset += summary["total_steps"] or 0
-    best_step = None
-    if best_path:
-        best_step = (offset - (final["total_steps"] or 0)) + final["best_step"]
-    metrics = {
-        "method": cfg.method.name,
-        "status": status,
-        "objective": (
-            (final["best_val_acc"] if has_validation else test_acc)
-            if best_path and status == "ok"
-            else float(cfg.get("failure_value", 0.0))
-        ),
-        "best_val_acc": final["best_val_acc"] if best_path else None,
-        "best_step": best_step,
-        "test_acc": test_acc,
-        "total_steps": offset,
-        "target_weight": [s["schedule"] for s in summaries],
-        "omega_absolute": _absolute_omega(stages[-1].target_weight, final["total_steps"]),
-        "seed": cfg.seed,
-        **datamodule.describe(),
-        "stages": [{k: v for k, v in s.items() if k != "target_weight"} for s in summaries],
-        "device": str(trainer_overrides.get("devices", cfg.trainer.get("accelerator"))),
-        "pid": os.getpid(),
-        "started_at": started_at,
-        "ended_at": time.time(),
-        "wall_time_s": time.perf_counter() - started,
-    }
-    outcome = f"test acc {test_acc:.3f}" if test_acc is not None else status
-    _write_run_files(
-        run_dir,
-        rows,
-        stage_starts,
-        metrics,
-        title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
-        f"N={metrics['target_size']}, {outcome}",
-    )
-    if test_acc is None:
-        log.warning(
-            "run %s at step %s (loss %s): no checkpoint tested; objective %s",
-            status,
-            final.get("diverged_at_step"),
-            final.get("diverged_loss"),
-            metrics["objective"],
-        )
-        print(f"run {status}: objective {metrics['objective']}  -> {run_dir}")
-        return metrics
-    if not has_validation:
-        print(f"target test accuracy (final model, step {best_step}): {test_acc:.4f}  -> {run_dir}")
-        return metrics
-    log.info(
-        "best validation accuracy %.4f at step %d; test accuracy of that checkpoint %.4f",
-        metrics["best_val_acc"],
-        best_step,
+    return report_run(
+        cfg,
+        stages,
+        summaries,
+        datamodule,
         test_acc,
+        tested=best_path,
+        has_validation=has_validation,
+        device=str(trainer_overrides.get("devices", cfg.trainer.get("accelerator"))),
+        started=(started, started_at),
     )
-    print(
-        f"target test accuracy (best-validation checkpoint, step {best_step}): {test_acc:.4f}  "
-        f"[val {metrics['best_val_acc']:.4f}]  -> {run_dir}"
-    )
-    return metrics
-
-
-def _run_device(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> torch.device:
-    """The device the trainer will use (the claimed GPU, the first GPU, or the CPU)."""
-    accelerator = str(trainer_overrides.get("accelerator", cfg.trainer.get("accelerator", "auto")))
-    devices = trainer_overrides.get("devices", cfg.trainer.get("devices", "auto"))
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        index = devices[0] if isinstance(devices, list | ListConfig) and devices else 0
-        return torch.device(f"cuda:{int(index)}")
-    return torch.device("cpu")
-
-
-def _absolute_omega(
-    schedule: TargetWeightSchedule, total_steps: int | None
-) -> dict[str, float] | None:
-    absolute = getattr(schedule, "absolute", None)
-    if absolute is None or not total_steps:
-        return None
-    t0, tau, alpha = absolute(total_steps)
-    return {"t0": t0, "tau": tau, "alpha": alpha}
 
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")

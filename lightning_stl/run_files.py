@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_stl.reporting.learning_curve import learning_curve_series, plot_learning_curve
 from lightning_stl.reporting.target_weight_plot import plot_target_weight
+from lightning_stl.schedule import TargetWeightSchedule
+
+log = logging.getLogger(__name__)
 
 #: The parts of a config that decide what a run computes (not where it writes or how it shows it).
 RUN_IDENTITY = (
@@ -113,3 +119,100 @@ def _write_run_files(
         title=title,
     )
     _write_json(run_dir / "metrics.json", metrics)
+
+
+def report_run(
+    cfg: DictConfig,
+    stages: list[Any],
+    summaries: list[dict[str, Any]],
+    datamodule: Any,
+    test_acc: float | None,
+    tested: str | None,
+    has_validation: bool,
+    device: str,
+    started: tuple[float, float],
+) -> dict[str, Any]:
+    """``metrics.json`` and the run's figures from its stage summaries, and the run's last line.
+
+    ``tested`` is the checkpoint whose ``test_acc`` was measured (``None``: none, the run
+    diverged); ``started`` is ``(time.perf_counter(), time.time())`` at the run's start.
+    Returns the contents of ``metrics.json``.
+    """
+    final = summaries[-1]
+    status = final["status"]
+    run_dir = Path(cfg.paths.output_dir)
+    offset, rows, stage_starts = 0, [], []
+    for summary in summaries:
+        stage_starts.append((summary["name"], offset))
+        for step, weight in summary["target_weight"]:
+            rows.append((summary["name"], step, offset + step, weight))
+        offset += summary["total_steps"] or 0
+    best_step = None
+    if tested:
+        best_step = (offset - (final["total_steps"] or 0)) + final["best_step"]
+    metrics = {
+        "method": cfg.method.name,
+        "status": status,
+        "objective": (
+            (final["best_val_acc"] if has_validation else test_acc)
+            if tested and status == "ok"
+            else float(cfg.get("failure_value", 0.0))
+        ),
+        "best_val_acc": final["best_val_acc"] if tested else None,
+        "best_step": best_step,
+        "test_acc": test_acc,
+        "total_steps": offset,
+        "target_weight": [s["schedule"] for s in summaries],
+        "omega_absolute": _absolute_omega(stages[-1].target_weight, final["total_steps"]),
+        "seed": cfg.seed,
+        **datamodule.describe(),
+        "stages": [{k: v for k, v in s.items() if k != "target_weight"} for s in summaries],
+        "device": device,
+        "pid": os.getpid(),
+        "started_at": started[1],
+        "ended_at": time.time(),
+        "wall_time_s": time.perf_counter() - started[0],
+    }
+    outcome = f"test acc {test_acc:.3f}" if test_acc is not None else status
+    _write_run_files(
+        run_dir,
+        rows,
+        stage_starts,
+        metrics,
+        title=f"{cfg.method.name}: {datamodule.target_name} ← {datamodule.source_name}, "
+        f"N={metrics['target_size']}, {outcome}",
+    )
+    if test_acc is None:
+        log.warning(
+            "run %s at step %s (loss %s): no checkpoint tested; objective %s",
+            status,
+            final.get("diverged_at_step"),
+            final.get("diverged_loss"),
+            metrics["objective"],
+        )
+        print(f"run {status}: objective {metrics['objective']}  -> {run_dir}")
+        return metrics
+    if not has_validation:
+        print(f"target test accuracy (final model, step {best_step}): {test_acc:.4f}  -> {run_dir}")
+        return metrics
+    log.info(
+        "best validation accuracy %.4f at step %d; test accuracy of that checkpoint %.4f",
+        metrics["best_val_acc"],
+        best_step,
+        test_acc,
+    )
+    print(
+        f"target test accuracy (best-validation checkpoint, step {best_step}): {test_acc:.4f}  "
+        f"[val {metrics['best_val_acc']:.4f}]  -> {run_dir}"
+    )
+    return metrics
+
+
+def _absolute_omega(
+    schedule: TargetWeightSchedule, total_steps: int | None
+) -> dict[str, float] | None:
+    absolute = getattr(schedule, "absolute", None)
+    if absolute is None or not total_steps:
+        return None
+    t0, tau, alpha = absolute(total_steps)
+    return {"t0": t0, "tau": tau, "alpha": alpha}

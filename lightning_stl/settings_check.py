@@ -114,3 +114,15 @@ def _integer(
     ):
         shown = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
         raise ValueError(f"{name}={shown} is not allowed: it must be {allowed}")
+
+
+def check_backbone_fits_data(cfg: DictConfig, datamodule: Any) -> None:
+    """``backbone.in_chans`` must be the channel count of every training set (after setup)."""
+    for domain, channels in datamodule.channels().items():
+        if channels != cfg.backbone.in_chans:
+            name = datamodule.target_name if domain == "target" else datamodule.source_name
+            raise ValueError(
+                f"backbone.in_chans={cfg.backbone.in_chans} does not fit the data: {name} (the "
+                f"{domain}) has {channels} channel{'s' if channels > 1 else ''}; set "
+                f"backbone.in_chans={channels}"
+            )
