@@ -38,7 +38,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     """Raise ``ValueError`` for the first top-level setting of ``cfg`` that is not allowed."""
     _integer(cfg, "seed", low=SEED_RANGE[0], high=SEED_RANGE[1])
     if "pretraining" in cfg and cfg.pretraining is not None:
-        _integer(cfg.pretraining, "seed", "pretraining.seed", *SEED_RANGE)
+        _integer(cfg.pretraining, "seed", "pretraining.seed", low=SEED_RANGE[0], high=SEED_RANGE[1])
     for name in cfg.get("epochs") or {}:
         _integer(cfg.epochs, name, f"epochs.{name}", low=1)
     for name in cfg.get("steps") or {}:
@@ -85,18 +85,16 @@ def known_method_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
-def _integer(
-    node: Any,
-    key: str,
-    name: str | None = None,
+def require_integer(
+    name: str,
+    value: Any,
     low: int | None = None,
     high: int | None = None,
     null: bool = False,
     also: str = "",
 ) -> None:
-    """``node[key]`` must be an integer in [low, high] (or null when ``null``)."""
-    name = name or key
-    value = node.get(key) if isinstance(node, DictConfig) else None
+    """``value`` of setting ``name`` must be an integer in [low, high] (or None when ``null``);
+    else one ``ValueError`` naming both and what is allowed. Also for callbacks' arguments."""
     if value is None and null:
         return
     allowed = "an integer"
@@ -114,6 +112,12 @@ def _integer(
     ):
         shown = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
         raise ValueError(f"{name}={shown} is not allowed: it must be {allowed}")
+
+
+def _integer(node: Any, key: str, name: str | None = None, **limits: Any) -> None:
+    """``node[key]`` must be an integer (see :func:`require_integer`)."""
+    value = node.get(key) if isinstance(node, DictConfig) else None
+    require_integer(name or key, value, **limits)
 
 
 def check_backbone_fits_data(cfg: DictConfig, datamodule: Any) -> None:

@@ -110,6 +110,7 @@ CASES = [
     ("target unknown", ["data.target=digitz"], ["digitz", "digits"]),
     ("augment", ["data.target_augment=nonsense"], [r"data\.target_augment='?nonsense", "crop"]),
     ("augment key", ["+data.target_augment.flip=true"], [r"flip", "horizontal_flip"]),
+    ("augment value", ["+data.target_augment.crop_padding=abc"], ["crop_padding='abc'", ">= 0"]),
     ("batch=0", ["data.target_batch_size=0"], [r"target_batch_size=0", "> 0"]),
     ("workers<0", ["data.num_workers=-2"], [r"num_workers=-2", ">= 0"]),
     ("no paper data", [FULL, "+experiment=svhn_mnist", "data.root={tmp}/empty"], ["not found"]),

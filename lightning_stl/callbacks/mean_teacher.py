@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from lightning_stl.callbacks.optimizer_step import AfterOptimizerStep
+from lightning_stl.settings_check import require_integer
 
 
 class MeanTeacherUpdate(AfterOptimizerStep):
@@ -49,15 +50,7 @@ class MeanTeacherUpdate(AfterOptimizerStep):
             raise ValueError(
                 f"mean teacher decay={decay!r} is not allowed: it must be a number in [0, 1]"
             )
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                f"mean teacher every_n_steps={every_n_steps!r} is not allowed: "
-                "it must be an integer >= 1"
-            )
+        require_integer("mean teacher every_n_steps", every_n_steps, low=1)
         self.decay = float(decay)
         self.every_n_steps = every_n_steps
         for name, flag in (

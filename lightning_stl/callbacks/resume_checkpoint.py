@@ -11,6 +11,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_stl.settings_check import require_integer
+
 log = logging.getLogger(__name__)
 
 
@@ -43,15 +45,13 @@ class ResumeCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = 500,
         every_n_minutes: float | None = 5.0,
     ):
-        if every_n_train_steps is not None and (
-            isinstance(every_n_train_steps, bool)
-            or not isinstance(every_n_train_steps, int)
-            or every_n_train_steps < 1
-        ):
-            raise ValueError(
-                f"callbacks.resume_checkpoint.every_n_train_steps={every_n_train_steps!r} is not "
-                "allowed: it must be an integer >= 1, or null"
-            )
+        require_integer(
+            "callbacks.resume_checkpoint.every_n_train_steps",
+            every_n_train_steps,
+            low=1,
+            null=True,
+            also="null",
+        )
         if every_n_minutes is not None and (
             isinstance(every_n_minutes, bool)
             or not isinstance(every_n_minutes, int | float)

@@ -24,8 +24,18 @@ class BatchAugment:
     horizontal_flip: bool = False
 
     def __post_init__(self) -> None:
-        if self.crop_padding < 0:
-            raise ValueError(f"crop_padding={self.crop_padding} is not allowed: it must be >= 0")
+        if (
+            isinstance(self.crop_padding, bool)
+            or not isinstance(self.crop_padding, int)
+            or self.crop_padding < 0
+        ):
+            raise ValueError(
+                f"crop_padding={self.crop_padding!r} is not allowed: it must be an integer >= 0"
+            )
+        if not isinstance(self.horizontal_flip, bool):
+            raise ValueError(
+                f"horizontal_flip={self.horizontal_flip!r} is not allowed: it must be true or false"
+            )
 
     @property
     def is_identity(self) -> bool:
