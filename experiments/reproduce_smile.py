@@ -26,16 +26,17 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
 from reproduce_table1 import cell_result, train_cell  # one way to run a cell, shared with Table 1
 
 from lightning_stl.errors import positive_int, reports_input_errors
+from lightning_stl.reporting.profiles import read_profile
+from lightning_stl.reporting.runs import print_cell, run_row, write_runs_csv
+from lightning_stl.reporting.tables import accuracy_stats, markdown_table, stat_cells, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {
@@ -59,15 +60,7 @@ LABELS = {
 
 def load_profile(experiment: str, profile: str) -> dict[str, Any]:
     """The settings of ``experiment``/``profile`` in ``experiments/smile_profiles.yaml``."""
-    profiles = yaml.safe_load((ROOT / "experiments" / "smile_profiles.yaml").read_text())
-    if experiment not in profiles:
-        raise SystemExit(f"unknown EXPERIMENT={experiment!r}; choose one of {', '.join(profiles)}")
-    if profile not in profiles[experiment]:
-        raise SystemExit(
-            f"unknown PROFILE={profile!r} for {experiment}; "
-            f"choose one of {', '.join(profiles[experiment])}"
-        )
-    chosen = profiles[experiment][profile]
+    chosen = read_profile(ROOT / "experiments" / "smile_profiles.yaml", experiment, profile)
     overrides = chosen.get("method_overrides") or {}
     stray = sorted(set(overrides) - set(chosen["methods"]))
     if stray:
@@ -134,34 +127,19 @@ def summarize(
     stats: dict[tuple[str, str], tuple[float, float, int]] = {}
     for method in methods:
         for setting in settings:
-            accs = [
-                100 * r["test_acc"]
-                for r in rows
-                if r["method"] == method and r["setting"] == setting and r["test_acc"] is not None
-            ]
-            if accs:
-                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                stats[method, setting] = (statistics.mean(accs), std, len(accs))
+            stat = accuracy_stats(rows, method=method, setting=setting)
+            if stat is not None:
+                stats[method, setting] = stat
     best = {
         s: max((v[0] for (m, s2), v in stats.items() if s2 == s), default=None) for s in settings
     }
     header = ["Method", *settings]
-    lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * len(settings)]
-    table = [header]
+    lines, table = [], [header]
     for method in methods:
-        cells, csv_cells = [LABELS.get(method, method)], [method]
-        for setting in settings:
-            if (method, setting) not in stats:
-                cells.append("…")
-                csv_cells.append("")
-                continue
-            mean, std, _ = stats[method, setting]
-            text = f"{mean:.2f} ± {std:.2f}"
-            cells.append(f"**{text}**" if mean == best[setting] else text)
-            csv_cells.append(f"{mean:.2f}±{std:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
-        table.append(csv_cells)
-    return "\n".join(lines) + "\n", table, stats
+        cells = [stat_cells(stats.get((method, s)), best[s], digits=2) for s in settings]
+        lines.append([LABELS.get(method, method), *(markdown for markdown, _ in cells)])
+        table.append([method, *(csv_cell for _, csv_cell in cells)])
+    return markdown_table(header, lines, first_align=":---"), table, stats
 
 
 def draw_bars(
@@ -176,6 +154,8 @@ def draw_bars(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lightning_stl.reporting.target_weight_plot import save_figure
 
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(3.2 + 1.6 * len(settings), 3.6), dpi=130)
@@ -206,27 +186,22 @@ def draw_bars(
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(
     rows: list[dict[str, Any]], methods: list[str], settings: list[str], out: Path, args, seeds
 ) -> None:
     markdown, table, stats = summarize(rows, methods, settings)
-    command = f"make reproduce-smile EXPERIMENT={args.experiment} PROFILE={args.profile}"
-    (out / "table.md").write_text(
-        f"Test accuracy (%) on the target, mean ± std over seeds {seeds}.\n"
-        f"Made by `{command}`.\n\n" + markdown
+    write_table(
+        out / "table",
+        f"Test accuracy (%) on the target, mean ± std over seeds {seeds}.",
+        f"make reproduce-smile EXPERIMENT={args.experiment} PROFILE={args.profile}",
+        markdown,
+        table,
     )
-    with (out / "table.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows(table)
     if rows:
-        with (out / "runs.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, list(rows[0]))
-            writer.writeheader()
-            writer.writerows({**r, "run_dir": os.path.relpath(r["run_dir"], ROOT)} for r in rows)
+        write_runs_csv(rows, out / "runs.csv", ROOT)
     if stats:
         draw_bars(stats, methods, settings, out / "bars.png", f"{args.experiment} ({args.profile})")
 
@@ -306,28 +281,10 @@ def main() -> None:
                     )
                 for seed, run_dir, job in jobs:
                     metrics = cell_result(job)
-                    rows.append(
-                        {
-                            "method": method,
-                            "setting": setting,
-                            "seed": seed,
-                            "target_size": metrics.get("target_size"),
-                            "test_acc": metrics["test_acc"],
-                            "best_val_acc": metrics["best_val_acc"],
-                            "best_step": metrics["best_step"],
-                            "total_steps": metrics["total_steps"],
-                            "wall_time_s": metrics["wall_time_s"],
-                            "run_dir": str(run_dir),
-                        }
-                    )
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {LABELS.get(method, method)} {setting}: "
-                    + ", ".join(
-                        f"{100 * r['test_acc']:.1f}" if r["test_acc"] is not None else "diverged"
-                        for r in rows[-len(seeds) :]
-                    ),
-                    flush=True,
-                )
+                    keys = {"method": method, "setting": setting, "seed": seed}
+                    size = metrics.get("target_size")
+                    rows.append(run_row(metrics, run_dir, **keys, target_size=size))
+                print_cell(f"{LABELS.get(method, method)} {setting}", rows[-len(seeds) :])
                 write_outputs(rows, table_methods, list(settings), out, args, seeds)
     write_outputs(rows, table_methods, list(settings), out, args, seeds)
     print(f"done in {(time.time() - started) / 60:.1f} min -> {out}")

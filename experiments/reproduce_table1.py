@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -31,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from lightning_stl.errors import positive_int, reports_input_errors
+from lightning_stl.reporting.profiles import read_profile
+from lightning_stl.reporting.runs import print_cell, run_row, write_runs_csv
+from lightning_stl.reporting.tables import accuracy_stats, markdown_table, stat_cells, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("target_only", "finetune", "multitask", "smooth")
@@ -50,14 +51,8 @@ SEARCHES = {
 
 
 def load_profile(experiment: str, profile: str) -> dict[str, Any]:
-    profiles = yaml.safe_load((ROOT / "experiments" / "profiles.yaml").read_text())
-    if experiment not in profiles:
-        raise SystemExit(f"unknown EXPERIMENT={experiment!r}; choose one of {', '.join(profiles)}")
-    if profile not in profiles[experiment]:
-        raise SystemExit(
-            f"unknown PROFILE={profile!r} for {experiment}; choose one of {', '.join(profiles[experiment])}"
-        )
-    return profiles[experiment][profile]
+    """The settings of ``experiment``/``profile`` in ``experiments/profiles.yaml``."""
+    return read_profile(ROOT / "experiments" / "profiles.yaml", experiment, profile)
 
 
 def train_cell(overrides: list[str], run_dir: str, data_dir: str) -> dict[str, Any]:
@@ -141,38 +136,16 @@ def run_search(
 def summarize(rows: list[dict[str, Any]], sizes: list[int]) -> tuple[str, list[list[str]]]:
     """Markdown and CSV of Table 1: mean ± std of the test accuracy, best mean per row bold."""
     header = ["N", *(COLUMNS[m] for m in METHODS)]
-    lines = ["| " + " | ".join(header) + " |", "|---:|" + "---:|" * len(METHODS)]
-    table = [header]
+    lines, table = [], [header]
     for size in sizes:
-        stats = {}
-        for method in METHODS:
-            accs = [
-                100 * r["test_acc"]
-                for r in rows
-                if r["method"] == method and r["target_size"] == size and r["test_acc"] is not None
-            ]
-            if accs:
-                stats[method] = (
-                    statistics.mean(accs),
-                    statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    len(accs),
-                )
-        if not stats:
+        stats = {m: accuracy_stats(rows, method=m, target_size=size) for m in METHODS}
+        means = [stat[0] for stat in stats.values() if stat is not None]
+        if not means:
             continue
-        best = max(v[0] for v in stats.values())
-        cells, csv_cells = [f"{size:,}"], [str(size)]
-        for method in METHODS:
-            if method not in stats:
-                cells.append("…")
-                csv_cells.append("")
-                continue
-            mean, std, _ = stats[method]
-            text = f"{mean:.1f} ± {std:.1f}"
-            cells.append(f"**{text}**" if mean == best else text)
-            csv_cells.append(f"{mean:.2f}±{std:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
-        table.append(csv_cells)
-    return "\n".join(lines) + "\n", table
+        cells = [stat_cells(stats[method], max(means), digits=1) for method in METHODS]
+        lines.append([f"{size:,}", *(markdown for markdown, _ in cells)])
+        table.append([str(size), *(csv_cell for _, csv_cell in cells)])
+    return markdown_table(header, lines, first_align="---:"), table
 
 
 def draw_figure2(
@@ -183,6 +156,8 @@ def draw_figure2(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lightning_stl.reporting.target_weight_plot import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=130)
     colors = plt.cm.viridis([i / max(1, len(curves) - 1) for i in range(len(curves))])
@@ -196,9 +171,7 @@ def draw_figure2(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def read_curve(run_dir: Path) -> tuple[list[int], list[float], int | None]:
@@ -281,28 +254,9 @@ def main() -> None:
                         )
                     )
                 for seed, run_dir, job in jobs:
-                    metrics = cell_result(job)
-                    rows.append(
-                        {
-                            "method": method,
-                            "target_size": size,
-                            "seed": seed,
-                            "test_acc": metrics["test_acc"],
-                            "best_val_acc": metrics["best_val_acc"],
-                            "best_step": metrics["best_step"],
-                            "total_steps": metrics["total_steps"],
-                            "wall_time_s": metrics["wall_time_s"],
-                            "run_dir": str(run_dir),
-                        }
-                    )
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {COLUMNS[method]} N={size}: "
-                    + ", ".join(
-                        f"{100 * r['test_acc']:.1f}" if r["test_acc"] is not None else "diverged"
-                        for r in rows[-len(seeds) :]
-                    ),
-                    flush=True,
-                )
+                    keys = {"method": method, "target_size": size, "seed": seed}
+                    rows.append(run_row(cell_result(job), run_dir, **keys))
+                print_cell(f"{COLUMNS[method]} N={size}", rows[-len(seeds) :])
                 write_outputs(rows, sizes, out, args, best_params, work, seeds)
     write_outputs(rows, sizes, out, args, best_params, work, seeds)
     print(f"done in {(time.time() - started) / 60:.1f} min -> {out}")
@@ -311,18 +265,15 @@ def main() -> None:
 
 def write_outputs(rows, sizes, out: Path, args, best_params, work: Path, seeds) -> None:
     markdown, table = summarize(rows, sizes)
-    command = f"make reproduce-table1 EXPERIMENT={args.experiment} PROFILE={args.profile}"
-    (out / "table1.md").write_text(
-        f"Test accuracy (%) on the target, best-validation checkpoint, mean ± std over seeds {seeds}.\n"
-        f"Made by `{command}`.\n\n" + markdown
+    write_table(
+        out / "table1",
+        "Test accuracy (%) on the target, best-validation checkpoint, mean ± std over seeds "
+        f"{seeds}.",
+        f"make reproduce-table1 EXPERIMENT={args.experiment} PROFILE={args.profile}",
+        markdown,
+        table,
     )
-    with (out / "table1.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows(table)
-    fields = list(rows[0]) if rows else []
-    with (out / "runs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
-        writer.writeheader()
-        writer.writerows({**r, "run_dir": os.path.relpath(r["run_dir"], ROOT)} for r in rows)
+    write_runs_csv(rows, out / "runs.csv", ROOT)
     curves = {}
     for size in sizes:
         run_dir = work / "smooth" / f"n{size}" / f"seed{seeds[0]}"

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 from pathlib import Path
 
+from lightning_stl.reporting.tables import accuracy_stats, markdown_table, stat_cells
 from lightning_stl.run import compose_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "digits"
+METHODS = ("target_only", "finetune")
 FIELDS = ["method", "target_size", "seed", "test_acc", "best_val_acc", "total_steps", "wall_time_s"]
 
 
@@ -34,34 +35,20 @@ def run_one(method: str, size: int, seed: int, work: Path) -> dict:
 
 
 def summarize(rows: list[dict]) -> str:
-    sizes = sorted({int(r["target_size"]) for r in rows})
-    lines = [
-        "| N | target only | fine-tune | gain (points) |",
-        "|---:|---:|---:|---:|",
-    ]
-    for n in sizes:
-        cells = {}
-        for method in ("target_only", "finetune"):
-            accs = [
-                100 * float(r["test_acc"])
-                for r in rows
-                if r["method"] == method and int(r["target_size"]) == n
-            ]
-            cells[method] = accs
-        if not all(cells.values()):
+    rows = [{**r, "target_size": int(r["target_size"])} for r in rows]  # read back as strings
+    lines = []
+    for n in sorted({r["target_size"] for r in rows}):
+        stats = {m: accuracy_stats(rows, method=m, target_size=n) for m in METHODS}
+        if None in stats.values():
             continue
-        mean = {m: statistics.mean(v) for m, v in cells.items()}
-        std = {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in cells.items()}
-        lines.append(
-            f"| {n} | {mean['target_only']:.1f} ± {std['target_only']:.1f} | "
-            f"{mean['finetune']:.1f} ± {std['finetune']:.1f} | {mean['finetune'] - mean['target_only']:+.1f} |"
-        )
+        gain = stats["finetune"][0] - stats["target_only"][0]
+        cells = [stat_cells(stat, None, digits=1)[0] for stat in stats.values()]
+        lines.append([str(n), *cells, f"{gain:+.1f}"])
     seeds = sorted({int(r["seed"]) for r in rows})
     return (
         "Test accuracy (%) on the 500 held-out UCI digits, best-validation checkpoint, mean ± std over "
         f"seeds {seeds}. Made by `python experiments/transfer_gap.py`.\n\n"
-        + "\n".join(lines)
-        + "\n"
+        + markdown_table(["N", "target only", "fine-tune", "gain (points)"], lines, "---:")
     )
 
 
@@ -77,7 +64,7 @@ def main() -> None:
     done = {(r["method"], int(r["target_size"]), int(r["seed"])) for r in rows}
     for size in args.sizes:
         for seed in args.seeds:
-            for method in ("target_only", "finetune"):
+            for method in METHODS:
                 if (method, size, seed) in done:
                     continue
                 metrics = run_one(method, size, seed, args.work)

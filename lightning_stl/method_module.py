@@ -57,7 +57,6 @@ def build_module(
         num_source_classes=num_source_classes,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         _convert_="all",
-        _recursive_=False,  # FineTune builds its regularisers itself (plain configs in hparams)
     )
     if on_source:
         source = resolve_source_model(cfg, datamodule)
@@ -98,10 +97,9 @@ def resolve_regularizers(
                 f"method.regularizers: unknown regulariser {name!r}; known: {', '.join(known)}"
             )
         conf = OmegaConf.merge(OmegaConf.load(folder / f"{name}.yaml"), options.get(name) or {})
-        # the file may refer to ${paths.*} (where to cache what it computes)
-        context = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths, resolve=True)})
-        context._regularizer = conf
-        resolved = OmegaConf.to_container(context, resolve=True)["_regularizer"]
+        # the file may refer to ${paths.*} (where to cache what it computes): resolve it beside them
+        beside = OmegaConf.create({"paths": cfg.paths, "regularizer": conf})
+        resolved = OmegaConf.to_container(beside, resolve=True)["regularizer"]
         if name == "mixup":
             mixup_alpha = float(resolved["alpha"])
         else:

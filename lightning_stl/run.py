@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from lightning_stl.checkpoint_io import check_writable, read_checkpoint
+from lightning_stl.checkpoint_io import check_writable
 from lightning_stl.config_files import _config_dir, compose_config
 from lightning_stl.cross_validation import cross_validate
 from lightning_stl.data import SourceTargetDataModule
@@ -40,7 +40,11 @@ from lightning_stl.errors import training_started, user_message
 from lightning_stl.method_module import build_module
 from lightning_stl.quiet import quiet_library_noise
 from lightning_stl.run_files import check_same_run, report_run
-from lightning_stl.settings_check import check_backbone_fits_data, check_run_settings
+from lightning_stl.settings_check import (
+    check_backbone_fits_data,
+    check_run_settings,
+    check_strategy_fits_mode,
+)
 from lightning_stl.stages import STAGE_FILE, Stage, check_reaches_target, run_stage
 
 log = logging.getLogger(__name__)
@@ -55,10 +59,8 @@ def _test(
     best: str,
     trainer_overrides: dict[str, Any],
 ) -> float:
-    """Load the best-validation checkpoint into ``module`` and return its target test accuracy."""
-    state = read_checkpoint(best, "test the best checkpoint")
-    module.load_state_dict(state["state_dict"])
-    # the training's progress bar (Lightning would pick its Rich bar for a trainer without one)
+    """The target test accuracy of checkpoint ``best`` (``trainer.test(ckpt_path=best)``), with
+    the training's progress bar (Lightning would pick its Rich bar for a trainer without one)."""
     bars = [
         hydra.utils.instantiate(conf)
         for conf in (cfg.get("callbacks") or {}).values()
@@ -70,7 +72,9 @@ def _test(
         callbacks=bars if cfg.trainer.get("enable_progress_bar", True) else [],
         **trainer_overrides,
     )
-    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    results = trainer.test(
+        module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False
+    )
     return float(results[0]["test/acc"])
 
 
@@ -167,15 +171,8 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    if strategy.startswith("ddp") and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise ValueError(
-            f"trainer.strategy={strategy} inside a multirun: Lightning's DDP re-launches the "
-            "command line, which would start the whole sweep again in every process. Run DDP "
-            "trials as single runs (one job each, e.g. hydra/launcher=slurm with several GPUs "
-            "per task is not supported either), or search with one device per trial"
-        )
     single_run = HydraConfig.get().mode == RunMode.RUN
+    check_strategy_fits_mode(str(cfg.trainer.get("strategy", "auto")), multirun=not single_run)
     try:
         metrics = train(cfg)
     except Exception as error:

@@ -25,16 +25,6 @@ import numpy as np
 TARGET, SOURCE = "target", "source"
 
 
-def logs_this_step(trainer: L.Trainer) -> bool:
-    """Whether the step about to run is one whose values the loggers write.
-
-    Lightning writes step values every ``log_every_n_steps`` optimiser steps, but each
-    ``LightningModule.log`` call costs about a millisecond on a CPU, so per-step values are logged
-    only on those steps (the same rule as Lightning's ``should_update_logs``).
-    """
-    return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
-
-
 def _sigmoid(z: float) -> float:
     """1 / (1 + exp(−z)) for any z in [−inf, inf], without overflow.
 
@@ -171,30 +161,6 @@ class ConstantTargetWeight(TargetWeightSchedule):
         return f"ConstantTargetWeight(value={self.value})"
 
 
-class StepTargetWeight(TargetWeightSchedule):
-    """Eq. 5: source only (λ = 0) before t = T/2 + t0, target only (λ = 1) after.
-
-    ``t0`` is a fraction of T when ``relative`` is true. At t = T/2 + t0 exactly, Eq. 5 is silent;
-    this takes the limit of Eq. 4 with τ → 0 there, (1 + e^α)^−1, with ``alpha``.
-    """
-
-    def __init__(self, t0: float = 0.0, alpha: float = 0.0, relative: bool = True):
-        self.t0 = _check_finite("t0", t0)
-        self.alpha = _check_finite("alpha", alpha)
-        self.relative = _check_bool("relative", relative)
-
-    def __call__(self, step: int, total_steps: int) -> float:
-        switch = total_steps / 2 + (self.t0 * total_steps if self.relative else self.t0)
-        if step < switch:
-            return 0.0
-        if step > switch:
-            return 1.0
-        return _sigmoid(-self.alpha)
-
-    def describe(self) -> dict[str, Any]:
-        return {"schedule": "step", "t0": self.t0, "alpha": self.alpha, "relative": self.relative}
-
-
 class TargetWeightScheduler(L.Callback):
     """Sets ``pl_module.target_weight`` = λ(t) before every optimiser step, and logs it.
 
@@ -225,8 +191,7 @@ class TargetWeightScheduler(L.Callback):
         weight = self.schedule(step, self.total_steps)
         pl_module.target_weight = weight
         self.history[step] = weight
-        if logs_this_step(trainer):
-            pl_module.log("train/target_weight", weight, on_step=True, on_epoch=False)
+        pl_module.log("train/target_weight", weight, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": dict(self.history), "total_steps": self.total_steps}

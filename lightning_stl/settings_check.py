@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from lightning_stl.checks import integer
 
 #: Trainer arguments that each stage sets from the project's own settings.
 TRAINER_KEYS_SET_BY_STAGES = {
@@ -85,39 +87,10 @@ def known_method_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
-def require_integer(
-    name: str,
-    value: Any,
-    low: int | None = None,
-    high: int | None = None,
-    null: bool = False,
-    also: str = "",
-) -> None:
-    """``value`` of setting ``name`` must be an integer in [low, high] (or None when ``null``);
-    else one ``ValueError`` naming both and what is allowed. Also for callbacks' arguments."""
-    if value is None and null:
-        return
-    allowed = "an integer"
-    if low is not None and high is not None:
-        allowed += f" in [{low}, {high}]"
-    elif low is not None:
-        allowed += f" >= {low}"
-    if also:
-        allowed += f", or {also}"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or (low is not None and value < low)
-        or (high is not None and value > high)
-    ):
-        shown = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
-        raise ValueError(f"{name}={shown} is not allowed: it must be {allowed}")
-
-
 def _integer(node: Any, key: str, name: str | None = None, **limits: Any) -> None:
-    """``node[key]`` must be an integer (see :func:`require_integer`)."""
+    """``node[key]`` must be an integer (see :func:`lightning_stl.checks.integer`)."""
     value = node.get(key) if isinstance(node, DictConfig) else None
-    require_integer(name or key, value, **limits)
+    integer(name or key, value, **limits)
 
 
 def check_backbone_fits_data(cfg: DictConfig, datamodule: Any) -> None:
@@ -130,3 +103,15 @@ def check_backbone_fits_data(cfg: DictConfig, datamodule: Any) -> None:
                 f"{domain}) has {channels} channel{'s' if channels > 1 else ''}; set "
                 f"backbone.in_chans={channels}"
             )
+
+
+def check_strategy_fits_mode(strategy: str, multirun: bool) -> None:
+    """No DDP inside a multirun: Lightning's DDP re-launches the command line, which would start
+    the whole sweep again in every process."""
+    if strategy.startswith("ddp") and multirun:
+        raise ValueError(
+            f"trainer.strategy={strategy} inside a multirun: Lightning's DDP re-launches the "
+            "command line, which would start the whole sweep again in every process. Run DDP "
+            "trials as single runs (one job each, e.g. hydra/launcher=slurm with several GPUs "
+            "per task is not supported either), or search with one device per trial"
+        )

@@ -18,101 +18,44 @@ It is hydra-optuna-sweeper's ``OptunaSweeper`` (TPE by default, trials asked in 
   (and once more at its end, so that a sweep of failures does not exit 0).
 - **Report.** ``trials.csv`` (one row per trial: parameters, validation and test accuracy, status,
   wall time, run folder), ``best.yaml`` (the best parameters) and ``trials.png`` (validation
-  accuracy by trial and the best so far) in the sweep folder, rewritten after every batch.
+  accuracy by trial and the best so far) in the sweep folder, rewritten after every batch
+  (:mod:`lightning_stl.reporting.sweep_report`; the study is opened by
+  :func:`lightning_stl.study_storage.open_study`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
+import io
 import json
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper._impl import (
+    # private, no public equivalent: the package's public API is the OptunaSweeper plugin only
     OptunaSweeperImpl,
     create_params_from_overrides,
 )
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from lightning_stl.reporting.sweep_report import write_report
+from lightning_stl.study_storage import open_study
+
 log = logging.getLogger(__name__)
 
 WORKER_ATTR = "sweep_worker"
 STATUS_ATTR = "status"
 LAUNCHED = "launched"
-
-
-def open_study(
-    storage: str | None, study_name: str | None, sampler: Any, directions: list[Any]
-) -> optuna.Study:
-    """Create or load the study, one process at a time per SQLite file (see
-    :func:`_sqlite_setup_lock`); SQLite connections wait up to 120 s for the file's lock."""
-    url = storage
-    try:
-        with _sqlite_setup_lock(storage):
-            if isinstance(storage, str) and storage.startswith("sqlite"):
-                # several sweep processes on one SQLite file wait for its lock instead of failing
-                storage = optuna.storages.RDBStorage(
-                    storage, engine_kwargs={"connect_args": {"timeout": 120}}
-                )
-            return optuna.create_study(
-                study_name=study_name,
-                storage=storage,
-                sampler=sampler,
-                directions=directions,
-                load_if_exists=True,
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError, ImportError) as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-        raise ValueError(
-            f"hydra.sweeper.storage={url!r} cannot be opened "
-            f"({type(error).__name__}: {reason[0] if reason else ''}); nothing was run. Give "
-            "sqlite:///<existing folder>/<file>.db or a reachable database URL such as "
-            "postgresql://user@host/db"
-        ) from None
-
-
-@contextlib.contextmanager
-def _sqlite_setup_lock(storage: Any) -> Iterator[None]:
-    """Hold ``<file>.lock`` while a sweep opens a SQLite study file (``sqlite:///path``).
-
-    Optuna creates the schema of a new file (tables, then an Alembic version stamp) in several
-    transactions; two sweeps started together on a new file both stamp it and one dies with
-    ``UNIQUE constraint failed: alembic_version.version_num``. SQLite's own lock does not cover
-    that sequence, so opening the study is serialised with a file lock beside the database; the
-    trials then run concurrently as before.
-    """
-    database = None
-    if isinstance(storage, str):
-        url = sqlalchemy.engine.make_url(storage)
-        if url.get_backend_name() == "sqlite":
-            database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        yield  # another database, or an in-memory one: nothing to share
-        return
-    import fcntl  # POSIX; imported here so that the sweeper imports everywhere
-
-    path = Path(database)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder {path.parent} of the SQLite file does not exist")
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class DurableOptunaSweeperImpl(OptunaSweeperImpl):
@@ -196,7 +139,7 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
                     if metrics.get(key) is not None:
                         attrs[key] = metrics[key]
         if ret.status == JobStatus.FAILED:
-            error = ret._return_value  # the exception the task raised
+            error = _raised(ret)
             attrs[STATUS_ATTR] = "failed"
             attrs["error"] = f"{type(error).__name__}: {error}"[:2000]
             return None, attrs, error
@@ -321,6 +264,17 @@ def too_many_failures(failed: int, finished: int, max_failure_rate: float, final
     return failed / finished > max_failure_rate
 
 
+def _raised(ret: JobReturn) -> Exception:
+    """The exception a failed job's task raised: ``JobReturn.return_value`` raises it again (and
+    writes ``Error executing job ...`` to stderr, which is kept out: the sweep logs the failure)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            value = ret.return_value
+        except Exception as error:
+            return error
+    raise RuntimeError(f"job {ret.overrides} is marked failed but returned {value!r}")
+
+
 def _params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
@@ -334,82 +288,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One flat dict per trial of ``study``, in trial order."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "value": t.value}
-        row.update({f"param.{k}": v for k, v in t.params.items()})
-        row.update({k: v for k, v in t.user_attrs.items()})
-        rows.append(row)
-    return rows
-
-
-def write_report(study: optuna.Study, folder: Path, direction: str) -> None:
-    """``trials.csv``, ``best.yaml`` and ``trials.png`` of ``study`` into ``folder``."""
-    rows = trial_rows(study)
-    if not rows:
-        return
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    tmp = folder / "trials.csv.tmp"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(folder / "trials.csv")
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not completed:
-        return
-    best = study.best_trial
-    OmegaConf.save(
-        OmegaConf.create(
-            {
-                "best_value": best.value,
-                "best_trial": best.number,
-                "best_params": dict(best.params),
-                "best_test_acc": best.user_attrs.get("test_acc"),
-                "n_trials": len(rows),
-                "n_complete": len(completed),
-            }
-        ),
-        folder / "best.yaml",
-    )
-    plot_trials([(t.number, t.value) for t in completed], folder / "trials.png", direction)
-
-
-def plot_trials(points: Sequence[tuple[int, float]], path: Path, direction: str) -> None:
-    """Objective by trial number, with the best-so-far curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = sorted(points)
-    numbers = [n for n, _ in points]
-    values = [v for _, v in points]
-    best, running = [], None
-    for v in values:
-        running = (
-            v
-            if running is None
-            else (max(running, v) if direction == "maximize" else min(running, v))
-        )
-        best.append(running)
-    fig, ax = plt.subplots(figsize=(6.5, 3.2), dpi=120)
-    ax.scatter(numbers, values, s=12, color="tab:gray", label="trial")
-    ax.step(numbers, best, where="post", color="tab:red", lw=1.6, label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("objective (validation accuracy)")
-    ax.grid(alpha=0.3)
-    # beside the axes, where it can hide no trial
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 class DurableOptunaSweeper(Sweeper):

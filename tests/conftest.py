@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from omegaconf import DictConfig
 
 from lightning_stl.run import compose_config
+from lightning_stl.schedule import TargetWeightSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
@@ -84,3 +87,63 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- shared helpers
+class TargetBatches(torch.utils.data.Dataset):
+    """Random 8x8 one-channel images with ``num_classes`` labels as FineTune's
+    ``{"target": (x, y)}`` batches (seeded: the same images in every test)."""
+
+    def __init__(self, n: int = 64, num_classes: int = 4):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 8, 8, generator=generator)
+        self.y = torch.randint(0, num_classes, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"target": (self.x[i], self.y[i])}
+
+
+def cause_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and every exception it was raised from or during, outermost first."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, read on the CPU (``weights_only``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def final_state(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    """The weights in ``last.ckpt`` of ``stage`` of the run in ``run_dir``."""
+    return checkpoint_state(Path(run_dir) / "checkpoints" / stage / "last.ckpt")
+
+
+class StepTargetWeight(TargetWeightSchedule):
+    """The tests' independent Eq. 5 (what SigmoidTargetWeight must give as τ → 0): source only (λ = 0) before t = T/2 + t0, target only (λ = 1) after.
+
+    ``t0`` is a fraction of T when ``relative`` is true. At t = T/2 + t0 exactly, Eq. 5 is silent;
+    this takes the limit of Eq. 4 with τ → 0 there, (1 + e^α)^−1, with ``alpha``.
+    """
+
+    def __init__(self, t0: float = 0.0, alpha: float = 0.0, relative: bool = True):
+        self.t0 = float(t0)
+        self.alpha = float(alpha)
+        self.relative = bool(relative)
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        switch = total_steps / 2 + (self.t0 * total_steps if self.relative else self.t0)
+        if step < switch:
+            return 0.0
+        if step > switch:
+            return 1.0
+        return 1.0 / (1.0 + math.exp(self.alpha))
+
+    def describe(self) -> dict[str, Any]:
+        return {"schedule": "step", "t0": self.t0, "alpha": self.alpha, "relative": self.relative}

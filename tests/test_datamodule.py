@@ -158,3 +158,24 @@ def test_image_set_validates_its_tensors():
 def test_target_size_must_be_a_positive_integer(size):
     with pytest.raises(ValueError, match=rf"target_size={size} is not allowed"):
         SourceTargetDataModule(target_size=size)
+
+
+def test_target_loader_gives_the_sets_in_order_without_augmentation(data_dir):
+    dm = SourceTargetDataModule(
+        target="digits",
+        source=None,
+        root=data_dir,
+        target_size=50,
+        target_augment={"crop_padding": 2, "horizontal_flip": True},
+        eval_batch_size=16,
+    )
+    train = dm.target_loader("train")  # sets itself up
+    assert dm.train_sets and len(train.dataset) == 50
+    for split, data in (("train", dm.train_sets["target"]), ("test", dm.test_set)):
+        batches = list(dm.target_loader(split))
+        assert torch.equal(torch.cat([x for x, _ in batches]), data.images)  # in order, unshuffled
+        assert torch.equal(torch.cat([y for _, y in batches]), data.labels)
+        x, y = dm.on_after_batch_transfer(batches[0], 0)  # no trainer: evaluation, no augment
+        assert torch.equal(x, dm.preprocess("target", batches[0][0], train=False))
+    with pytest.raises(ValueError, match=r"split='val' is not allowed: choose one of train, test"):
+        dm.target_loader("val")

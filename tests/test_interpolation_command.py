@@ -17,13 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stl.interpolation import (
-    draw_pairs,
-    feature_functions,
-    interpolation_losses,
-    main,
-    read_run,
-)
+from lightning_stl.finished_run import read_run
+from lightning_stl.interpolation import draw_pairs, feature_functions, interpolation_losses, main
 from lightning_stl.methods import FineTune, SmoothTransfer
 from lightning_stl.metrics import InterpolationLoss, interpolation_inputs
 from lightning_stl.run import compose_config, train

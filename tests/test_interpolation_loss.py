@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_stl.metrics import InterpolationLoss, interpolation_inputs, sample_mixing_weights
+from lightning_stl.metrics import (
+    InterpolationLoss,
+    interpolation_inputs,
+    mix,
+    sample_mixing_weights,
+)
+from lightning_stl.regularizers.mixup import MixupPairs
 
 
 def interpolation_loss_of(f, x, x_prime, generator) -> float:
@@ -40,9 +46,10 @@ def test_eq6_matches_numpy_on_a_known_input():
     xp = np.array([[1.0, 3.0], [-2.0, 0.5]])
     d1, d2, lam = np.array([0.2, 0.9]), np.array([0.7, 0.1]), np.array([0.25, 0.6])
     mixed_delta = lam * d1 + (1 - lam) * d2
-    mixed = (1 - mixed_delta)[:, None] * x + mixed_delta[:, None] * xp
-    first = (1 - d1)[:, None] * x + d1[:, None] * xp
-    second = (1 - d2)[:, None] * x + d2[:, None] * xp
+    # Mix_δ(x, x') = δ·x + (1 − δ)·x', as MixupPairs.mix writes λ·u + (1 − λ)·u[π]
+    mixed = mixed_delta[:, None] * x + (1 - mixed_delta)[:, None] * xp
+    first = d1[:, None] * x + (1 - d1)[:, None] * xp
+    second = d2[:, None] * x + (1 - d2)[:, None] * xp
     expected = np.linalg.norm(
         f(mixed) - (lam[:, None] * f(first) + (1 - lam)[:, None] * f(second)), axis=1
     ).mean()
@@ -54,11 +61,27 @@ def test_eq6_matches_numpy_on_a_known_input():
     assert float(metric.compute()) == pytest.approx(expected, rel=1e-9)
 
 
+def test_the_metric_mixes_as_mixup_does():
+    """Mix_λ(u, v) of the metric is MixupPairs.mix's λ·u + (1 − λ)·u[π] with v = u[π]."""
+    u = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pairs = MixupPairs(0.3, torch.tensor([2, 0, 1, 5, 3, 4]))
+    expected = 0.3 * u + 0.7 * u[pairs.permutation]
+    assert torch.allclose(pairs.mix(u), expected)
+    weight = torch.full((6,), 0.3, dtype=torch.float64)
+    assert torch.allclose(mix(u, u[pairs.permutation], weight), expected)
+
+
 def test_mixing_weights_lie_in_the_unit_interval_and_are_reproducible():
     a = sample_mixing_weights(1000, alpha=0.5, generator=torch.Generator().manual_seed(3))
     b = sample_mixing_weights(1000, alpha=0.5, generator=torch.Generator().manual_seed(3))
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v) and float(u.min()) >= 0 and float(u.max()) <= 1
+    generator = torch.Generator().manual_seed(3)
+    state = torch.get_rng_state()
+    first = sample_mixing_weights(1000, alpha=0.5, generator=generator)
+    second = sample_mixing_weights(1000, alpha=0.5, generator=generator)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG is not used
+    assert torch.equal(first[0], a[0]) and not torch.equal(second[0], a[0])  # the generator moves
     assert abs(float(a[0].mean()) - 0.5) < 0.05
     with pytest.raises(ValueError, match="alpha=0"):
         sample_mixing_weights(3, alpha=0)

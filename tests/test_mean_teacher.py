@@ -69,6 +69,61 @@ def test_update_is_the_moving_average_of_each_tensor(decay):
             assert new[key].dtype == torch.int64
 
 
+def known_student(step: int) -> tuple[nn.Module, nn.Linear]:
+    """A tiny student (linear layer, BatchNorm, classifier) whose every tensor is a known function
+    of ``step``: float tensors ``base + step * slope`` (``base`` = 0.5, 1, 1.5, ... along the
+    tensor, ``slope`` = 1 + its index in the state dict), integer buffers ``10 * step + index``."""
+    backbone = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    classifier = nn.Linear(3, 2)
+    with torch.no_grad():
+        for module in (backbone, classifier):
+            for index, value in enumerate(module.state_dict(keep_vars=True).values()):
+                if value.is_floating_point():
+                    base = 0.5 * torch.arange(1, value.numel() + 1, dtype=torch.float64)
+                    value.copy_((base + step * (1 + index)).reshape(value.shape))
+                else:
+                    value.fill_(10 * step + index)
+    return backbone, classifier
+
+
+@pytest.mark.parametrize("buffers", [True, False])
+@pytest.mark.parametrize("include_classifier", [True, False])
+def test_k_updates_give_the_closed_form_moving_average(include_classifier, buffers):
+    """After k updates towards students θ_1..θ_k from θ_0: θ_T = d^k·θ_0 + (1 − d)·Σ_j d^(k−j)·θ_j
+    for every averaged float tensor (computed here in float64), the last student's value for the
+    integer buffers, and θ_0 for whatever is not averaged (the classifier, the buffers)."""
+    decay, k = 0.75, 4
+    students = [known_student(step) for step in range(k + 1)]
+    states = [student_state(*student) for student in students]
+    teacher = MeanTeacher(*students[0])
+    for backbone, classifier in students[1:]:
+        teacher.update(backbone, classifier, decay, include_classifier, buffers)
+    parameters = {f"backbone.{n}" for n, _ in students[0][0].named_parameters()} | {
+        f"classifier.{n}" for n, _ in students[0][1].named_parameters()
+    }
+    new = teacher.state_dict()
+    assert new.keys() == states[0].keys()
+    assert {name for name in new if name not in parameters} == {
+        "backbone.1.running_mean",
+        "backbone.1.running_var",
+        "backbone.1.num_batches_tracked",
+    }
+    for key, value in new.items():
+        averaged = (include_classifier or not key.startswith("classifier.")) and (
+            buffers or key in parameters
+        )
+        if not averaged:
+            expected = states[0][key]
+        elif value.is_floating_point():
+            expected = decay**k * states[0][key].double() + (1 - decay) * sum(
+                decay ** (k - j) * states[j][key].double() for j in range(1, k + 1)
+            )
+        else:
+            expected = states[k][key]
+        torch.testing.assert_close(value.double(), expected.double(), rtol=1e-6, atol=1e-6)
+        assert value.dtype == states[0][key].dtype, key
+
+
 def test_decay_one_keeps_and_decay_zero_copies_exactly():
     backbone, classifier, teacher = moved_student()
     old = flat_state(teacher)

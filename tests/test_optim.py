@@ -29,20 +29,24 @@ def test_warmup_cosine_matches_reference_and_endpoints():
     assert warmup_cosine_lr(total - 1, total, peak, final, 0.025) == pytest.approx(final)
 
 
-def test_scheduler_applies_the_rates_step_by_step():
+@pytest.mark.parametrize(("total", "warmup_fraction"), [(200, 0.025), (40, 0.025), (30, 0.0)])
+def test_scheduler_applies_the_rates_step_by_step(total: int, warmup_fraction: float):
+    """torch's LinearLR + CosineAnnealingLR give Eq. A.3's rate at every step, for a warm-up of
+    5 steps, of 1 step (already at the peak) and of none."""
     model = torch.nn.Linear(2, 2)
-    config = SGDConfig(lr=0.01, final_lr=1e-4, weight_decay=5e-4)
-    built = config.build(model, total_steps=200)
+    config = SGDConfig(lr=0.01, final_lr=1e-4, weight_decay=5e-4, warmup_fraction=warmup_fraction)
+    built = config.build(model, total_steps=total)
     optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
     assert optimizer.param_groups[0]["momentum"] == 0.9
     assert optimizer.param_groups[0]["weight_decay"] == 5e-4
     seen = []
-    for _ in range(200):
+    for _ in range(total):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    expected = [reference_lr(s, 200, 0.01, 1e-4, 5) for s in range(200)]
-    assert seen == pytest.approx(expected)
+    warmup = 0 if warmup_fraction == 0 else max(1, round(warmup_fraction * total))
+    expected = [reference_lr(s, total, 0.01, 1e-4, warmup) for s in range(total)]
+    assert seen == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(

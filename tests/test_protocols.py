@@ -114,7 +114,7 @@ def test_cv_fold_split_partitions_stratified():
         assert all(abs(counts[c] - totals[c] / 3) <= 1 for c in range(20))
         vals.append(val)
     assert sorted(np.concatenate(vals).tolist()) == list(range(len(LABELS)))
-    with pytest.raises(ValueError, match=r"data.cv_fold=3 is not allowed: it must lie in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"data.cv_fold=3 is not allowed: .* in \[0, 2\]"):
         cv_fold_split(LABELS, 3, 3, seed=0)
 
 
@@ -178,9 +178,9 @@ def test_val_size_zero_has_no_validation(data_dir):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"cv_folds": 3, "cv_fold": 3}, r"data.cv_fold=3 is not allowed: .* in \[0, 3\)"),
+        ({"cv_folds": 3, "cv_fold": 3}, r"data.cv_fold=3 is not allowed: .* in \[0, 2\]"),
         ({"cv_folds": 3, "cv_fold": -1}, r"data.cv_fold=-1 is not allowed"),
-        ({"cv_folds": 1}, r"data.cv_folds=1 is not allowed: it must be null or an integer >= 2"),
+        ({"cv_folds": 1}, r"data.cv_folds=1 is not allowed: it must be an integer >= 2, or null"),
         ({"cv_fold": 2}, r"data.cv_fold=2 is not allowed without data.cv_folds"),
         ({"cv_folds": 3, "val_size": 300}, r"data.val_size=300 and data.cv_folds=3 both"),
         ({"protocol": "30%", "target_size": 50}, r"data.protocol='30%' and data.target_size=50"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import hydra
 import pytest
 
 from lightning_stl.method_module import resolve_regularizers
@@ -50,7 +51,8 @@ def test_regularizers_compose_with_mixup_and_options(tmp_path):
     assert alpha == 0.4
     assert [c["_target_"].rsplit(".", 1)[1] for c in configs] == ["BatchSpectralShrinkage", "L2SP"]
     assert configs[0]["eta"] == 0.5 and configs[0]["k"] == 1
-    module = FineTune(num_target_classes=10, mixup_alpha=alpha, regularizers=configs)
+    regularizers = [hydra.utils.instantiate(conf) for conf in configs]
+    module = FineTune(num_target_classes=10, mixup_alpha=alpha, regularizers=regularizers)
     assert [r.name for r in module.regularizers] == ["bss", "l2sp"]
 
 

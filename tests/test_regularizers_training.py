@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import hydra
 import lightning as L
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stl.callbacks.regsl_projection import (
     RegSLProjection,
@@ -40,6 +40,7 @@ from lightning_stl.regularizers.regsl import (
 )
 from lightning_stl.run import compose_config
 from lightning_stl.schedule import TARGET
+from tests.conftest import TargetBatches
 
 K_T, K_S, FEATURES = 4, 6, 128
 
@@ -54,21 +55,6 @@ def finetune(**kwargs) -> FineTune:
         **kwargs,
     }
     return FineTune(backbone="digits_cnn", in_chans=1, **options)
-
-
-class TargetBatches(Dataset):
-    """Random 8x8 one-channel images as FineTune's ``{"target": (x, y)}`` batches."""
-
-    def __init__(self, n: int = 64):
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, 8, 8, generator=generator)
-        self.y = torch.randint(0, K_T, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {TARGET: (self.x[i], self.y[i])}
 
 
 def trainer(callbacks: list[Callback], max_steps: int, **kwargs) -> L.Trainer:
@@ -88,7 +74,7 @@ def trainer(callbacks: list[Callback], max_steps: int, **kwargs) -> L.Trainer:
 
 
 def loader() -> DataLoader:
-    return DataLoader(TargetBatches(), batch_size=8)
+    return DataLoader(TargetBatches(num_classes=K_T), batch_size=8)
 
 
 # ============================================================================ RIFLE
@@ -217,24 +203,19 @@ class StubDataModule:
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.train_sets = {TARGET: TensorDataset(x, y)}
 
-    def _eval_loader(self, data):
-        return DataLoader(data, batch_size=7, shuffle=False)
+    def target_loader(self, split):
+        return DataLoader(self.train_sets[TARGET], batch_size=7, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         x, y = batch
         return x, y
 
 
-COTUNING = "lightning_stl.regularizers.cotuning.CoTuning"
-
-
 def cotuning_setup(method: str = "direct", n: int = 40, **kwargs):
     """A FineTune with Co-Tuning, loaded with a source model whose classifier has K_S classes
     (as lightning_stl.method_module.build_module does), and a stub of the target training data."""
     torch.manual_seed(0)
-    module = finetune(
-        num_source_classes=K_S, regularizers=[{"_target_": COTUNING, "method": method, **kwargs}]
-    )
+    module = finetune(num_source_classes=K_S, regularizers=[CoTuning(method=method, **kwargs)])
     backbone = create_backbone("digits_cnn", in_chans=1)
     classifier = {"weight": torch.randn(K_S, FEATURES), "bias": torch.randn(K_S)}
     module.load_source_model(SourceModel(backbone.state_dict(), classifier, "test"))
@@ -252,6 +233,9 @@ def test_cotuning_fine_tunes_the_source_head_loaded_from_the_pretrained_classifi
         id(p) for p in module.student_parameters()
     }
     assert "source_head.weight" in module.state_dict()
+    # the decision is an hparam: the model rebuilt from its checkpoint has the head too
+    assert module.hparams["with_source_head"] is True
+    FineTune(**module.hparams).load_state_dict(module.state_dict())
 
 
 def test_direct_relationship_is_the_per_class_mean_of_source_probabilities():
@@ -329,7 +313,7 @@ def test_cotuning_penalty_is_the_cross_entropy_against_the_relationship():
     features = torch.randn(5, FEATURES)
     labels = torch.tensor([0, 3, 1, 1, 2])
     step = FineTuneStep(x[:5], x[:5], labels, None, features, torch.randn(5, K_T), None)
-    penalty = cotuning(step, module)
+    penalty = cotuning(step)
     weight, bias = module.source_head.weight, module.source_head.bias
     manual = 0.0
     for i in range(5):
@@ -343,20 +327,22 @@ def test_cotuning_penalty_is_the_cross_entropy_against_the_relationship():
     mixed = FineTuneStep(x[:5], x[:5], labels, None, features, torch.randn(5, K_T), pairs)
     soft = pairs.mix(cotuning.relationship[labels])
     expected = -(soft * torch.log_softmax(features @ weight.T + bias, dim=1)).sum(dim=1).mean()
-    torch.testing.assert_close(cotuning(mixed, module), 2.3 * expected)
+    torch.testing.assert_close(cotuning(mixed), 2.3 * expected)
 
 
 def test_cotuning_needs_a_setup_and_a_source_classifier():
     module, datamodule, x, y = cotuning_setup("direct")
     step = FineTuneStep(x[:2], x[:2], y[:2], None, torch.randn(2, FEATURES), None, None)
-    with pytest.raises(RuntimeError, match="call CoTuning.setup"):
-        module.regularizers[0](step, module)
+    with pytest.raises(RuntimeError, match="CoTuning is not set up: call setup"):
+        module.regularizers[0](step)
     module.source_head = None
-    with pytest.raises(ValueError, match="fine-tunes the module's source_head.*num_source_classes"):
+    with pytest.raises(
+        ValueError, match="fine-tunes the pre-trained source classifier.*num_source_classes"
+    ):
         module.setup_regularizers(datamodule)
     # FineTune refuses Co-Tuning without a source classifier to copy
     with pytest.raises(ValueError, match="Co-Tuning"):
-        finetune(num_source_classes=None, regularizers=[{"_target_": COTUNING}])
+        finetune(num_source_classes=None, regularizers=[CoTuning()])
 
 
 # ============================================================================ RegSL projection
@@ -521,7 +507,7 @@ def test_regsl_schedules_start_in_the_epochs_the_official_trainer_starts_them():
             weights = np.ones(8)
         expected = float(np.mean(weights * losses))
         ce = F.cross_entropy(logits, labels)
-        got = ce + regsl(step, SimpleNamespace(current_epoch=current_epoch))
+        got = ce + regsl(replace(step, epoch=current_epoch))
         assert got.item() == pytest.approx(expected, rel=1e-10), current_epoch
     assert len(seen_temperatures) >= 5  # τ decays over the replayed epochs
 
@@ -535,7 +521,7 @@ def test_regsl_turns_fine_tunes_cross_entropy_into_the_self_labelled_loss():
     step = FineTuneStep(x, x, labels, None, torch.zeros(8, FEATURES), logits, None)
     ce = F.cross_entropy(logits, labels)
     # the first epoch (current_epoch 0): plain cross-entropy, no correction
-    torch.testing.assert_close(regsl(step, SimpleNamespace(current_epoch=0)), torch.tensor(0.0))
+    torch.testing.assert_close(regsl(replace(step, epoch=0)), torch.tensor(0.0))
     # the 4th epoch (current_epoch 3): corrected labels, re-weighted losses, in numpy
     z = logits.double().numpy()
     log_p = z - z.max(1, keepdims=True)
@@ -547,11 +533,11 @@ def test_regsl_turns_fine_tunes_cross_entropy_into_the_self_labelled_loss():
     losses = -log_p[np.arange(8), corrected]
     temperature = 1.0 * max(0.5, math.exp(-0.1 * (4 - 1 - 2)))  # lowered once, after epoch 3
     weights = 8 * np.exp(-losses / temperature) / np.exp(-losses / temperature).sum()
-    total = ce + regsl(step, SimpleNamespace(current_epoch=3))
+    total = ce + regsl(replace(step, epoch=3))
     assert total.item() == pytest.approx(float(np.mean(weights * losses)), rel=1e-5)
     with pytest.raises(ValueError, match="mixup_alpha=null"):
         pairs = MixupPairs(0.5, torch.arange(8))
-        regsl(FineTuneStep(x, x, labels, None, x, logits, pairs), SimpleNamespace(current_epoch=0))
+        regsl(FineTuneStep(x, x, labels, None, x, logits, pairs))
 
 
 # ============================================================================ bad settings
@@ -577,7 +563,7 @@ def test_regsl_turns_fine_tunes_cross_entropy_into_the_self_labelled_loss():
         (lambda: RegSL(threshold=1.5), r"threshold=1.5 is not allowed"),
         (lambda: RegSL(temperature=0), r"temperature=0 is not allowed"),
         (lambda: RegSL(correct_epoch=-1), r"correct_epoch=-1 is not allowed"),
-        (lambda: RegSL(reweight_epoch=0), r"reweight_epoch=0 is not allowed.*>= 1 \(counted"),
+        (lambda: RegSL(reweight_epoch=0), r"reweight_epoch=0 is not allowed.*>= 1.*counted from 1"),
     ],
 )
 def test_bad_settings_raise_naming_the_value(make, pattern):
@@ -603,7 +589,6 @@ def test_method_configs_build_their_parts(tmp_path: Path, method, regularizer, c
     module = hydra.utils.instantiate(
         cfg.method.module,
         regularizers=regularizers,
-        _recursive_=False,
         backbone="digits_cnn",
         in_chans=1,
         num_target_classes=K_T,

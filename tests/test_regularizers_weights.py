@@ -9,7 +9,6 @@ configs compose.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import hydra
@@ -22,17 +21,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.method_module import resolve_regularizers
 from lightning_stl.methods import FineTune
-from lightning_stl.regularizers.base import FineTuneStep
+from lightning_stl.methods.regularizer_setup import data_key
+from lightning_stl.regularizers.base import FineTuneSetup, FineTuneStep, pretrained_snapshot
 from lightning_stl.regularizers.bss import BatchSpectralShrinkage
-from lightning_stl.regularizers.delta import (
-    DELTA,
-    attention_distance,
+from lightning_stl.regularizers.delta import DELTA, attention_distance
+from lightning_stl.regularizers.delta_channels import (
+    cache_file,
     channel_attention,
+    estimate_loss_increases,
     pooled_features,
 )
 from lightning_stl.regularizers.l2sp import L2SP
 
-L2SP_TARGET = "lightning_stl.regularizers.l2sp.L2SP"
 DELTA_TARGET = "lightning_stl.regularizers.delta.DELTA"
 
 
@@ -50,9 +50,26 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> SourceTargetDataModule:
 
 
 def digits_batch(datamodule: SourceTargetDataModule, size: int = 16) -> tuple[Tensor, Tensor]:
-    batch = next(iter(datamodule._eval_loader(datamodule.train_sets["target"])))
+    batch = next(iter(datamodule.eval_loader(datamodule.train_sets["target"])))
     x, y = datamodule.on_after_batch_transfer(batch, 0)
     return x[:size], y[:size]
+
+
+def bare_setup(
+    backbone: nn.Module, head: nn.Linear | None = None, images: tuple[Tensor, Tensor] | None = None
+) -> FineTuneSetup:
+    """A set-up of a bare backbone: its snapshot as ω⁰, a head, images as batches of 16."""
+    head = nn.Linear(backbone.num_features, 2) if head is None else head
+    if images is None:
+        return FineTuneSetup(backbone, head, pretrained_snapshot(backbone))
+    loader = DataLoader(TensorDataset(*images), batch_size=16)
+
+    def target_images(device):
+        return ((x.to(device), y.to(device)) for x, y in loader)
+
+    return FineTuneSetup(
+        backbone, head, pretrained_snapshot(backbone), None, target_images, len(images[1])
+    )
 
 
 def make_step(inputs: Tensor, features: Tensor | None = None) -> FineTuneStep:
@@ -66,13 +83,13 @@ def make_step(inputs: Tensor, features: Tensor | None = None) -> FineTuneStep:
 # ---------------------------------------------------------------------------- L2-SP
 def test_l2sp_is_the_head_term_at_the_start_and_matches_a_loop_over_parameters():
     torch.manual_seed(0)
-    module = FineTune(regularizers=[{"_target_": L2SP_TARGET, "alpha": 0.3, "beta": 0.05}])
+    module = FineTune(regularizers=[L2SP(alpha=0.3, beta=0.05)])
     module.setup_regularizers(None)
     l2sp = module.regularizers[0]
     head = [p.detach().double().numpy() for p in module.head.parameters()]
     head_term = 0.5 * 0.05 * sum(float((p**2).sum()) for p in head)
 
-    start = l2sp(make_step(torch.zeros(2, 1, 8, 8)), module).item()
+    start = l2sp(make_step(torch.zeros(2, 1, 8, 8))).item()
     assert start == pytest.approx(head_term, rel=1e-5)
 
     start_weights = {
@@ -88,14 +105,12 @@ def test_l2sp_is_the_head_term_at_the_start_and_matches_a_loop_over_parameters()
         for value in difference.ravel():
             distance += value * value
     expected = 0.5 * 0.3 * distance + head_term
-    assert l2sp(make_step(torch.zeros(2, 1, 8, 8)), module).item() == pytest.approx(
-        expected, rel=1e-5
-    )
+    assert l2sp(make_step(torch.zeros(2, 1, 8, 8))).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_l2sp_through_finetune_logs_its_part_and_pulls_the_backbone_back(digits):
     torch.manual_seed(0)
-    module = FineTune(regularizers=[{"_target_": L2SP_TARGET, "alpha": 0.5, "beta": 0.0}])
+    module = FineTune(regularizers=[L2SP(alpha=0.5, beta=0.0)])
     keys = set(module.state_dict())
     module.setup_regularizers(digits)
     assert set(module.state_dict()) == keys  # the snapshot is not persistent
@@ -113,16 +128,29 @@ def test_l2sp_through_finetune_logs_its_part_and_pulls_the_backbone_back(digits)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.backbone.parameters())
 
 
+def test_the_pretrained_snapshot_stays_out_of_checkpoints_and_rebuilding_needs_no_regularizer():
+    module = FineTune(regularizers=[L2SP()])
+    assert isinstance(module.pretrained, nn.Module)
+    state = module.state_dict()
+    assert state and not any(key.startswith("pretrained.") for key in state)
+    assert set(state) == set(FineTune().state_dict())
+    module.load_state_dict(state)  # strict: the snapshot's keys are not missing
+    plain = FineTune(**module.hparams)  # what load_from_checkpoint builds
+    assert plain.pretrained is None and len(plain.regularizers) == 0
+    plain.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="Missing key"):  # other keys are still checked
+        module.load_state_dict({k: v for k, v in state.items() if k != "head.bias"})
+
+
 def test_l2sp_checks_its_arguments_and_needs_setup():
     with pytest.raises(
-        ValueError, match=r"alpha \(α\)=-0\.1 is not allowed: it must be a number >= 0"
+        ValueError, match=r"alpha \(α\)=-0\.1 is not allowed: it must be a finite number >= 0"
     ):
         L2SP(alpha=-0.1)
     with pytest.raises(ValueError, match=r"beta \(β\)=-1"):
         L2SP(beta=-1)
-    module = FineTune()
     with pytest.raises(RuntimeError, match="call setup"):
-        L2SP()(make_step(torch.zeros(1, 1, 8, 8)), module)
+        L2SP()(make_step(torch.zeros(1, 1, 8, 8)))
 
 
 # ---------------------------------------------------------------------------- BSS
@@ -132,7 +160,7 @@ def test_bss_is_eta_times_the_k_smallest_squared_singular_values(k: int):
     singular = np.linalg.svd(features, compute_uv=False)  # descending
     expected = 0.002 * sum(sorted(singular)[i] ** 2 for i in range(k))
     tensor = torch.tensor(features, dtype=torch.float32, requires_grad=True)
-    penalty = BatchSpectralShrinkage(eta=0.002, k=k)(make_step(torch.zeros(6, 1), tensor), None)
+    penalty = BatchSpectralShrinkage(eta=0.002, k=k)(make_step(torch.zeros(6, 1), tensor))
     assert penalty.item() == pytest.approx(expected, rel=1e-4)
     penalty.backward()
     assert tensor.grad is not None and tensor.grad.abs().sum() > 0
@@ -145,7 +173,7 @@ def test_bss_checks_k():
         BatchSpectralShrinkage(eta=-1)
     bss = BatchSpectralShrinkage(k=3)
     with pytest.raises(ValueError, match=r"k=3 exceeds .* the batch has 2 images"):
-        bss(make_step(torch.zeros(2, 1), torch.randn(2, 16)), None)
+        bss(make_step(torch.zeros(2, 1), torch.randn(2, 16)))
 
 
 # ---------------------------------------------------------------------------- DELTA: the distance
@@ -195,8 +223,9 @@ def test_delta_penalty_matches_a_manual_computation_with_given_channel_weights(f
     torch.manual_seed(0)
     net = TinyNet()
     reference = copy.deepcopy(net).eval()  # w⁰, BatchNorm with running statistics
+    head = nn.Linear(4, 5)
     delta = DELTA(alpha=0.7, beta=0.2, form=form)
-    delta.attach(net)
+    delta.bind(bare_setup(net, head))
     assert delta.layer_names == ["act1", "act2"]  # backbone.feature_info
     weights = [torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.1, 0.2, 0.3, 0.4])]
     delta.set_channel_weights(weights)
@@ -205,8 +234,7 @@ def test_delta_penalty_matches_a_manual_computation_with_given_channel_weights(f
             p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(3, 2, 6, 6)
     features = pooled_features(net, x)  # the student's forward (train mode), maps hooked
-    head = nn.Linear(4, 5)
-    penalty = delta(make_step(x, features), SimpleNamespace(head=head))
+    penalty = delta(make_step(x, features))
 
     with torch.no_grad():
         student = [m.double().numpy() for m in net.maps(x)]
@@ -239,7 +267,7 @@ def test_delta_smile_official_form_is_smiles_reg_delta():
     net = TinyNet()
     reference = copy.deepcopy(net).eval()
     delta = DELTA(alpha=0.01, beta=0.0, form="smile_official")
-    delta.attach(net)
+    delta.bind(bare_setup(net))
     weights = [torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.4, 0.3, 0.2, 0.1])]
     delta.set_channel_weights(weights)
     with torch.no_grad():
@@ -247,7 +275,7 @@ def test_delta_smile_official_form_is_smiles_reg_delta():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(5, 2, 6, 6)
     features = pooled_features(net, x)
-    penalty = delta(make_step(x, features), SimpleNamespace(head=nn.Linear(4, 5)))
+    penalty = delta(make_step(x, features))
     with torch.no_grad():
         student = [m.double().numpy() for m in net.maps(x)]
         frozen = [m.double().numpy() for m in reference.maps(x)]
@@ -269,17 +297,16 @@ def test_delta_distance_is_zero_for_the_unchanged_model_and_needs_the_students_m
     torch.manual_seed(0)
     net = TinyNet()
     delta = DELTA(beta=0.0)
-    delta.attach(net)
+    delta.bind(bare_setup(net))
     delta.set_channel_weights([torch.full((3,), 1 / 3), torch.full((4,), 0.25)])
     net.eval()  # same BatchNorm statistics as the frozen model
     x = torch.randn(2, 2, 6, 6)
     features = pooled_features(net, x)
-    head = SimpleNamespace(head=nn.Linear(4, 2))
-    assert delta(make_step(x, features), head).item() == pytest.approx(0.0, abs=1e-10)
+    assert delta(make_step(x, features)).item() == pytest.approx(0.0, abs=1e-10)
     with torch.no_grad():  # evaluation: the student's maps are not kept
         pooled_features(net, x)
     with pytest.raises(RuntimeError, match="no output of layer"):
-        delta(make_step(x, features), head)
+        delta(make_step(x, features))
 
 
 def test_delta_channel_weights_must_be_distributions():
@@ -312,7 +339,7 @@ def test_delta_checks_its_arguments():
         with pytest.raises(ValueError, match=message):
             DELTA(**kwargs)
     with pytest.raises(RuntimeError, match="call setup"):
-        DELTA()(make_step(torch.zeros(1, 1, 8, 8)), FineTune())
+        DELTA()(make_step(torch.zeros(1, 1, 8, 8)))
 
 
 def test_delta_bad_layer_names_list_the_existing_modules():
@@ -320,12 +347,14 @@ def test_delta_bad_layer_names_list_the_existing_modules():
     with pytest.raises(
         ValueError, match=r"'act9' is not a module .*top-level modules are: conv1, bn1, act1"
     ):
-        DELTA(layers=["act1", "act9"]).attach(module.backbone)
+        DELTA(layers=["act1", "act9"]).bind(bare_setup(module.backbone))
     net = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()))
     with pytest.raises(ValueError, match=r"'0\.5' is not a module .*in '0' are: 0\.0, 0\.1"):
-        DELTA(layers=["0.5"]).attach(net)
+        DELTA(layers=["0.5"]).bind(FineTuneSetup(net, nn.Linear(2, 2), pretrained_snapshot(net)))
     with pytest.raises(ValueError, match="has none: name the layers"):
-        DELTA().attach(net)  # no feature_info
+        DELTA().bind(
+            FineTuneSetup(net, nn.Linear(2, 2), pretrained_snapshot(net))
+        )  # no feature_info
 
 
 # ---------------------------------------------------------------------------- DELTA: the estimate
@@ -347,37 +376,14 @@ class OneByOne(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-@dataclass
-class TensorSet:
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-class TensorDataModule:
-    """What DELTA uses of a SourceTargetDataModule, over tensors."""
-
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.train_sets = {"target": TensorSet(images, labels)}
-
-    def _eval_loader(self, data: TensorSet) -> DataLoader:
-        return DataLoader(TensorDataset(data.images, data.labels), batch_size=16)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return tuple(batch)
-
-
 def test_delta_gives_the_largest_weight_to_the_channel_that_carries_the_label():
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 2
     images = torch.randn(64, 4, 3, 3, generator=generator)  # channels 1-3: noise
     images[:, 0] = (2.0 * labels - 1.0).view(-1, 1, 1) + 0.3 * images[:, 0]  # channel 0: the label
-    module = SimpleNamespace(backbone=OneByOne(), head=nn.Linear(4, 2))
-    datamodule = TensorDataModule(images, labels)
+    setup = bare_setup(OneByOne(), nn.Linear(4, 2), (images, labels))
     delta = DELTA(num_images=None)
-    delta.setup(module, datamodule)
+    delta.setup(setup)
     (weights,) = delta.channel_weights()
     assert weights.shape == (4,) and float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
     assert (weights >= 0).all()
@@ -386,7 +392,9 @@ def test_delta_gives_the_largest_weight_to_the_channel_that_carries_the_label():
     assert float(weights[0] / weights[1:].max()) == pytest.approx(
         np.exp(4 / np.sqrt(3) / 5), rel=0.02
     )
-    (increases,) = delta.estimate_loss_increases(datamodule, 2)
+    (increases,) = estimate_loss_increases(
+        setup.pretrained, ["conv"], setup.target_images, 64, 2, num_images=None
+    )
     assert float(increases[0]) > 0.5 and float(increases[1:].abs().max()) < 0.05 * float(
         increases[0]
     )
@@ -395,7 +403,7 @@ def test_delta_gives_the_largest_weight_to_the_channel_that_carries_the_label():
 def test_delta_on_finetune_frozen_model_cache_and_state(digits, tmp_path, monkeypatch):
     torch.manual_seed(0)
     conf = {"_target_": DELTA_TARGET, "alpha": 0.5, "cache_dir": str(tmp_path / "cache")}
-    module = FineTune(regularizers=[conf])
+    module = FineTune(regularizers=[hydra.utils.instantiate(conf)])
     keys = set(module.state_dict())
     rng = torch.get_rng_state()
     module.setup_regularizers(digits)
@@ -409,10 +417,11 @@ def test_delta_on_finetune_frozen_model_cache_and_state(digits, tmp_path, monkey
     (cached,) = (tmp_path / "cache").glob("delta-*.pt")
     mtime = cached.stat().st_mtime_ns
 
-    # The frozen model: no gradients, not optimised, not in the state dict, unchanged by training.
-    frozen = delta.frozen
+    # The frozen model: the module's one pre-trained snapshot, no gradients, not optimised,
+    # unchanged by training.
+    frozen = module.pretrained
+    assert delta.require_setup().pretrained is frozen
     frozen_ids = {id(p) for p in frozen.parameters()}
-    assert not frozen_ids & {id(p) for p in module.parameters()}
     assert not frozen_ids & {id(p) for p in module.student_parameters()}
     before = copy.deepcopy(frozen.state_dict())
     optimizer = torch.optim.SGD(module.student_parameters(), lr=0.5)
@@ -425,7 +434,8 @@ def test_delta_on_finetune_frozen_model_cache_and_state(digits, tmp_path, monkey
         loss.backward()
         optimizer.step()
     assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
-    assert not frozen.training
+    module.train()  # what Lightning calls at the start of every fit and after validation
+    assert module.backbone.training and not frozen.training
     for key, value in frozen.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert not torch.equal(module.backbone.conv1.weight, student_before)
@@ -437,8 +447,8 @@ def test_delta_on_finetune_frozen_model_cache_and_state(digits, tmp_path, monkey
 
     # A second set-up on the same source model and data reads the cache.
     torch.manual_seed(0)
-    again = FineTune(regularizers=[conf])
-    monkeypatch.setattr(DELTA, "estimate_loss_increases", _not_called)
+    again = FineTune(regularizers=[hydra.utils.instantiate(conf)])
+    monkeypatch.setattr("lightning_stl.regularizers.delta.estimate_loss_increases", _not_called)
     again.setup_regularizers(digits)
     assert cached.stat().st_mtime_ns == mtime
     for first, second in zip(
@@ -475,21 +485,17 @@ def test_method_configs_compose_with_the_papers_defaults(make_cfg, method: str, 
 def test_delta_cache_key_follows_the_images_transform(tmp_path):
     """File-based sets are decoded through the evaluation transform before the channel estimate:
     a DataModule that resizes otherwise (keep_aspect, resize, crop) gets its own cache file."""
-    delta = DELTA(cache_dir=str(tmp_path))
-    delta.attach(TinyNet())
     files = SimpleNamespace(
         labels=torch.tensor([0, 1, 1]), files=np.array(["a.jpg", "b.jpg", "c.jpg"])
     )
+    net = TinyNet()
 
-    def datamodule(**transform):
+    def path(**transform):
         options = {"resize_size": 256, "crop_size": 224, "keep_aspect": False, **transform}
-        return SimpleNamespace(train_sets={"target": files}, **options)
+        key = data_key(SimpleNamespace(**options), files)
+        return cache_file(tmp_path, net, ["act1", "act2"], 128, 5, key)
 
-    square = delta.cache_path(datamodule(), 5)
-    assert delta.cache_path(datamodule(), 5) == square
-    others = {
-        delta.cache_path(datamodule(keep_aspect=True), 5),
-        delta.cache_path(datamodule(resize_size=288), 5),
-        delta.cache_path(datamodule(crop_size=192), 5),
-    }
+    square = path()
+    assert path() == square
+    others = {path(keep_aspect=True), path(resize_size=288), path(crop_size=192)}
     assert square not in others and len(others) == 3

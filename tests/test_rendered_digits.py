@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_stl.data import glyph_rendering as glyphs
 from lightning_stl.data import rendered_digits as rd
+from lightning_stl.data.digit_fonts import digit_font_paths
 from lightning_stl.data.image_set import ImageSet
 
 
@@ -34,7 +36,7 @@ def uci() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_fonts_are_the_text_fonts_with_digits() -> None:
-    names = {path.name for path in rd.digit_font_paths()}
+    names = {path.name for path in digit_font_paths()}
     for expected in ("DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral.ttf", "cmr10.ttf"):
         assert expected in names
     for symbol in ("LastResortHE-Regular.ttf", "cmsy10.ttf", "cmex10.ttf", "cmmi10.ttf"):
@@ -45,22 +47,22 @@ def test_fonts_are_the_text_fonts_with_digits() -> None:
 
 def test_every_font_renders_every_digit() -> None:
     rng = np.random.default_rng(0)
-    for path in rd.digit_font_paths():
+    for path in digit_font_paths():
         for digit in range(10):
             bitmap = None
             for _ in range(5):
-                bitmap = rd.render_digit_bitmap(digit, path, rng)
+                bitmap = glyphs.render_digit_bitmap(digit, path, rng)
                 if bitmap is not None:
                     break
             assert bitmap is not None, (path.name, digit)
             assert bitmap.shape == (32, 32) and bitmap.dtype == np.bool_
-            assert bitmap.sum() >= rd.MIN_ON_PIXELS
+            assert bitmap.sum() >= glyphs.MIN_ON_PIXELS
 
 
 def test_render_digit_bitmap_rejects_bad_digit() -> None:
-    path = rd.digit_font_paths()[0]
+    path = digit_font_paths()[0]
     with pytest.raises(ValueError, match="0..9"):
-        rd.render_digit_bitmap(10, path, np.random.default_rng(0))
+        glyphs.render_digit_bitmap(10, path, np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------- blocks
@@ -71,7 +73,7 @@ def test_block_counts() -> None:
     bitmaps[0] = True
     bitmaps[1, 5, 9] = True  # block (1, 2)
     bitmaps[1, 28:32, 0:4] = True  # block (7, 0), full
-    counts = rd.block_counts(bitmaps)
+    counts = glyphs.block_counts(bitmaps)
     assert counts.dtype == np.uint8 and counts.shape == (2, 8, 8)
     assert (counts[0] == 16).all()
     expected = np.zeros((8, 8), dtype=np.uint8)
@@ -79,7 +81,7 @@ def test_block_counts() -> None:
     expected[7, 0] = 16
     np.testing.assert_array_equal(counts[1], expected)
     with pytest.raises(ValueError, match="32, 32"):
-        rd.block_counts(np.zeros((1, 28, 28), dtype=bool))
+        glyphs.block_counts(np.zeros((1, 28, 28), dtype=bool))
 
 
 # --------------------------------------------------------------------------------- render
@@ -115,11 +117,11 @@ def test_classes_balanced(num_images: int) -> None:
 def test_no_blank_images(large: tuple[np.ndarray, np.ndarray]) -> None:
     images, _ = large
     on_pixels = images.reshape(len(images), -1).sum(axis=1, dtype=np.int64)
-    assert on_pixels.min() >= rd.MIN_ON_PIXELS
+    assert on_pixels.min() >= glyphs.MIN_ON_PIXELS
 
 
 def test_unusable_renders_are_redrawn(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = rd.render_digit_bitmap
+    real = glyphs.render_digit_bitmap
     calls = {"n": 0}
 
     def flaky(digit: int, font_path: Path, rng: np.random.Generator) -> np.ndarray | None:
@@ -127,10 +129,10 @@ def test_unusable_renders_are_redrawn(monkeypatch: pytest.MonkeyPatch) -> None:
         result = real(digit, font_path, rng)
         return None if calls["n"] % 2 else result  # every other render is "blank"
 
-    monkeypatch.setattr(rd, "render_digit_bitmap", flaky)
+    monkeypatch.setattr(rd, "render_digit_bitmap", flaky)  # where render_digits looks it up
     images, labels = rd.render_digits(20, 0)
     assert calls["n"] >= 40
-    assert images.reshape(20, -1).sum(axis=1).min() >= rd.MIN_ON_PIXELS
+    assert images.reshape(20, -1).sum(axis=1).min() >= glyphs.MIN_ON_PIXELS
     assert np.bincount(labels, minlength=10).tolist() == [2] * 10
 
     monkeypatch.setattr(rd, "render_digit_bitmap", lambda *args: None)
@@ -152,7 +154,7 @@ def test_bad_num_images(bad: object, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "0"])
 def test_bad_seed(bad: object) -> None:
-    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"seed=.* is not allowed: it must be an integer >= 0"):
         rd.render_digits(10, bad)  # type: ignore[arg-type]
 
 

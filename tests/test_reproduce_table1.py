@@ -16,27 +16,40 @@ from tests.figure_pixels import AxesBox, assert_curve_through, colour_mask, read
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_reproduction_writes_table_and_figure_and_resumes(tmp_path, data_dir):
-    out = tmp_path / "results"
+def reproduce(script: str, tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    """``python experiments/<script>`` on the digits smoke profile, its run folders under
+    ``tmp_path/work`` and its tables under ``tmp_path/results``; it must succeed."""
     command = [
         sys.executable,
-        "experiments/reproduce_table1.py",
+        f"experiments/{script}",
         "--experiment=digits",
         "--profile=smoke",
         f"--work={tmp_path / 'work'}",
-        f"--out={out}",
+        f"--out={tmp_path / 'results'}",
         f"--data={data_dir}",
     ]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    table = (out / "table1.md").read_text()
-    assert "| N | Target | Fine-tune | Multi-task | Ours |" in table
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def read_runs(out: Path) -> list[dict[str, str]]:
+    """The rows of ``out/runs.csv``, each checked to be the result its run folder holds."""
     runs = list(csv.DictReader((out / "runs.csv").open()))
-    assert sorted({r["method"] for r in runs}) == ["finetune", "multitask", "smooth", "target_only"]
-    assert len(runs) == 8  # 4 methods x 2 seeds
-    for run in runs:  # each row is the result its run folder holds
+    for run in runs:
         written = json.loads((ROOT / run["run_dir"] / "metrics.json").read_text())
         assert float(run["test_acc"]) == written["test_acc"] and int(run["seed"]) == written["seed"]
+    return runs
+
+
+def test_reproduction_writes_table_and_figure_and_resumes(tmp_path, data_dir):
+    out = tmp_path / "results"
+    reproduce("reproduce_table1.py", tmp_path, data_dir)
+    table = (out / "table1.md").read_text()
+    assert "| N | Target | Fine-tune | Multi-task | Ours |" in table
+    runs = read_runs(out)
+    assert sorted({r["method"] for r in runs}) == ["finetune", "multitask", "smooth", "target_only"]
+    assert len(runs) == 8  # 4 methods x 2 seeds
 
     # the row of N = 30: mean ± std (%) over the seeds of each column's runs, recomputed here,
     # and the best mean (ties included) in bold
@@ -74,8 +87,7 @@ def test_reproduction_writes_table_and_figure_and_resumes(tmp_path, data_dir):
     assert "method.target_weight.tau" in best and "method.weight" in best
     stamps = {p: p.stat().st_mtime for p in tmp_path.rglob("metrics.json")}
 
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = reproduce("reproduce_table1.py", tmp_path, data_dir)
     # nothing finished was run again
     assert {p: p.stat().st_mtime for p in tmp_path.rglob("metrics.json")} == stamps
     assert "trials" not in second.stdout  # no search was started again

@@ -22,6 +22,7 @@ from lightning_stl.data import DatasetNotFoundError
 from lightning_stl.methods import SmoothTransfer
 from lightning_stl.run import train
 from tests.checkpoint_accuracy import checkpoint_test_accuracy
+from tests.conftest import final_state
 from tests.figure_pixels import AxesBox, assert_curve_through, colour_mask, read_rgb, vertical_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +33,6 @@ def read_weights(run_dir: Path) -> list[tuple[str, int, float]]:
         return [
             (r["stage"], int(r["step"]), float(r["target_weight"])) for r in csv.DictReader(handle)
         ]
-
-
-def final_state(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / stage / "last.ckpt"
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_main_entry_point_trains_tests_and_writes_its_files(tmp_path, run_cli):
@@ -91,7 +87,7 @@ def test_tau_to_zero_reproduces_the_step_schedule_exactly(make_cfg, tmp_path):
         "method.target_weight.tau=1e-9", "method.target_weight.t0=0.05", output_dir=tmp_path / "a"
     )
     step = make_cfg(
-        "method.target_weight._target_=lightning_stl.schedule.StepTargetWeight",
+        "method.target_weight._target_=tests.conftest.StepTargetWeight",
         "~method.target_weight.tau",
         "method.target_weight.t0=0.05",
         output_dir=tmp_path / "b",

@@ -12,9 +12,9 @@ import pytest
 from lightning_stl.schedule import (
     ConstantTargetWeight,
     SigmoidTargetWeight,
-    StepTargetWeight,
     sigmoid_target_weight,
 )
+from tests.conftest import StepTargetWeight
 
 
 def eq4_reference(t: float, T: float, t0: float, tau: float, alpha: float) -> float:

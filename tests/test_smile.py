@@ -28,11 +28,11 @@ from lightning_stl.regularizers import (
     FeatureMixupLoss,
     LabelMixupLoss,
     MixupPairs,
-    check_loss_weight,
     check_mixup_alpha,
 )
 from lightning_stl.run import train
 from tests.checkpoint_accuracy import checkpoint_test_accuracy
+from tests.conftest import cause_chain, checkpoint_state, final_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -71,14 +71,6 @@ def np_soft_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def pairs_of(weight: float, perm: list[int]) -> MixupPairs:
     return MixupPairs(weight, torch.tensor(perm))
-
-
-def cause_chain(exc: BaseException | None) -> list[BaseException]:
-    chain = []
-    while exc is not None:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
 
 
 # ---------------------------------------------------------------------------- 1. mixup
@@ -129,11 +121,7 @@ def test_draws_are_reproducible_under_a_seed_and_the_permutation_is_a_permutatio
     assert sequence(11) != sequence(12)
     for _, perm in sequence(11):
         assert sorted(perm) == list(range(7))
-    # an explicit generator leaves the global RNG alone and is reproducible by itself
-    a = MixupPairs.draw(7, 0.4, generator=torch.Generator().manual_seed(5))
-    b = MixupPairs.draw(7, 0.4, generator=torch.Generator().manual_seed(5))
-    assert a.target_weight == b.target_weight and torch.equal(a.permutation, b.permutation)
-    assert a.permutation.dtype == torch.int64
+    assert MixupPairs.draw(7, 0.4).permutation.dtype == torch.int64
 
 
 @pytest.mark.parametrize("alpha", [0.2, 2.0])
@@ -304,16 +292,6 @@ def test_shape_mismatch_and_bad_form_raise():
         FeatureMixupLoss("offical")
     with pytest.raises(ValueError, match=r"form='Paper'"):
         LabelMixupLoss("Paper")
-
-
-@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), True, "0.1", None])
-def test_bad_loss_weights_raise_naming_the_value(value):
-    with pytest.raises(ValueError, match=re.escape(f"gamma_fe={value!r} is not allowed")):
-        check_loss_weight("gamma_fe", value)
-
-
-def test_good_loss_weights_are_floats():
-    assert check_loss_weight("g", 0) == 0.0 and check_loss_weight("g", 0.1) == 0.1
 
 
 # ---------------------------------------------------------------------------- 3. one λ for all
@@ -581,12 +559,8 @@ def pretrained_checkpoints(cache: Path) -> list[Path]:
     return sorted(cache.glob("*/checkpoints/source/last.ckpt"))
 
 
-def state_of(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def final_state(cfg) -> dict[str, torch.Tensor]:
-    return state_of(Path(cfg.paths.output_dir) / "checkpoints" / "target" / "last.ckpt")
+def final_target_state(cfg) -> dict[str, torch.Tensor]:
+    return final_state(Path(cfg.paths.output_dir), "target")
 
 
 def logged_columns(cfg) -> set[str]:
@@ -622,7 +596,7 @@ def test_digits_smile_runs_and_a_second_run_reuses_the_cached_pretraining(
     )
 
     # the fine-tuning started from the pre-trained model and the teacher moved (decay 0.999 < 1)
-    source, final = state_of(source_ckpt), final_state(first)
+    source, final = checkpoint_state(source_ckpt), final_target_state(first)
     backbone = [k[len("model.backbone.") :] for k in source if k.startswith("model.backbone.")]
     assert backbone
     moved = [
@@ -655,7 +629,7 @@ def test_digits_smile_runs_and_a_second_run_reuses_the_cached_pretraining(
     assert source_ckpt.stat().st_mtime_ns == mtime
     assert "source pre-training cached" in caplog.text
     assert "pre-training on the source" not in caplog.text
-    assert not any(k.startswith("teacher.") for k in final_state(second))
+    assert not any(k.startswith("teacher.") for k in final_target_state(second))
 
 
 @pytest.mark.parametrize(
@@ -684,9 +658,9 @@ def test_official_form_and_ablations_run(make_cfg, shared_cache, method, logged,
         assert all(row[name] > 0 for name in logged)
         expected = row["train/loss_mixup"] + sum(gamma[name] * row[name] for name in logged)
         assert row["train/loss"] == pytest.approx(expected, rel=1e-5)
-    state = final_state(cfg)
+    state = final_target_state(cfg)
     (source_ckpt,) = pretrained_checkpoints(shared_cache)
-    source = state_of(source_ckpt)
+    source = checkpoint_state(source_ckpt)
     if method == "smile_no_fc":
         assert not any(k.startswith(("source_head.", "teacher.classifier.")) for k in state)
     if method == "smile_official":
@@ -725,7 +699,7 @@ def test_the_official_teacher_moves_inside_step_10_and_keeps_the_pretrained_stat
     )
     assert train(cfg)["total_steps"] == steps
     (source_ckpt,) = pretrained_checkpoints(shared_cache)
-    source = state_of(source_ckpt)
+    source = checkpoint_state(source_ckpt)
     parameters = {n for n, _ in create_backbone("digits_cnn", in_chans=1).named_parameters()}
     moved, travelled = 0.0, 0.0
     for key, teacher in end.state.items():
@@ -753,9 +727,9 @@ def test_a_teacher_with_decay_one_stays_the_pretrained_model(make_cfg, shared_ca
         "method.callbacks.mean_teacher.decay=1.0",
     )
     train(cfg)
-    state = final_state(cfg)
+    state = final_target_state(cfg)
     (source_ckpt,) = pretrained_checkpoints(shared_cache)
-    source = state_of(source_ckpt)
+    source = checkpoint_state(source_ckpt)
     teacher = {k: v for k, v in state.items() if k.startswith("teacher.")}
     assert teacher
     for key, value in teacher.items():
@@ -782,7 +756,7 @@ def test_the_same_seed_gives_the_same_run_whether_the_pretraining_is_cached_or_n
     # two paths: the first run pre-trained in this process, the second only read the cache
     assert "source pre-training cached" in caplog.text
     assert "pre-training on the source" not in caplog.text
-    state_a, state_b = final_state(fresh), final_state(cached)
+    state_a, state_b = final_target_state(fresh), final_target_state(cached)
     assert [k for k in state_a if not torch.equal(state_a[k], state_b[k])] == []
     assert a["test_acc"] == b["test_acc"]
 

@@ -3,12 +3,9 @@ the 3-fold cross-validated search, and `make reproduce-smile` with its resumptio
 
 from __future__ import annotations
 
-import csv
 import json
 import socket
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +17,7 @@ import torch
 from lightning_stl.run import compose_config, train
 from tests.figure_pixels import AxesBox, colour_mask, read_rgb
 from tests.test_fine_grained import build_cub
+from tests.test_reproduce_table1 import read_runs, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,24 +155,11 @@ def test_smile_cv_search_config(make_cfg):
 
 def test_reproduce_smile_writes_table_and_chart_and_resumes(tmp_path, data_dir):
     out = tmp_path / "results"
-    command = [
-        sys.executable,
-        "experiments/reproduce_smile.py",
-        "--experiment=digits",
-        "--profile=smoke",
-        f"--work={tmp_path / 'work'}",
-        f"--out={out}",
-        f"--data={data_dir}",
-    ]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    reproduce("reproduce_smile.py", tmp_path, data_dir)
     table = (out / "table.md").read_text()
     assert "| Method | N=30 |" in table
-    runs = list(csv.DictReader((out / "runs.csv").open()))
+    runs = read_runs(out)  # each row is the result its run folder holds
     assert sorted({r["method"] for r in runs}) == ["finetune_l2", "smile"] and len(runs) == 4
-    for run in runs:  # each row is the result its run folder holds
-        written = json.loads((ROOT / run["run_dir"] / "metrics.json").read_text())
-        assert float(run["test_acc"]) == written["test_acc"] and int(run["seed"]) == written["seed"]
 
     # one row per method (the profile's order): mean ± std (%) over the seeds, recomputed here;
     # the best mean of the column (ties included) in bold
@@ -214,8 +199,7 @@ def test_reproduce_smile_writes_table_and_chart_and_resumes(tmp_path, data_dir):
     assert len(pretrained) == 1  # one source pre-training shared by every run
     stamps = {p: p.stat().st_mtime for p in tmp_path.rglob("*.ckpt")}
 
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
+    reproduce("reproduce_smile.py", tmp_path, data_dir)
     assert {p: p.stat().st_mtime for p in tmp_path.rglob("*.ckpt")} == stamps  # nothing redone
 
 

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lightning_stl.data.datamodule import InMemoryDataset, keep_batch
 from lightning_stl.data.image_set import ImageSet
+from lightning_stl.data.loaders import InMemoryDataset, keep_batch
 from lightning_stl.data.streams import EpochPermutationSampler, ResumableLoader
 
 

@@ -139,7 +139,7 @@ import sys
 
 import optuna
 
-from lightning_stl.sweeper import open_study
+from lightning_stl.study_storage import open_study
 
 
 def open_one(url, barrier, results):
@@ -261,7 +261,7 @@ def test_the_failure_rate_is_judged_over_all_finished_trials(failed, finished, f
     ],
 )
 def test_a_storage_that_cannot_be_opened_is_named_in_one_message(url, reason):
-    from lightning_stl.sweeper import open_study
+    from lightning_stl.study_storage import open_study
 
     with pytest.raises(ValueError) as caught:
         open_study(url, "s", optuna.samplers.RandomSampler(), ["maximize"])
@@ -300,15 +300,17 @@ def test_non_finite_return_values_become_the_failure_value(value, tmp_path):
     assert told == -2.0 and error is None and attrs["status"] == "non_finite"
 
 
-def test_raised_errors_are_reported_not_told_as_values(tmp_path):
+def test_raised_errors_are_reported_not_told_as_values(tmp_path, capsys):
     ret = JobReturn(
         status=JobStatus.FAILED,
         hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}}),
     )
-    ret.return_value = ValueError("tau=0.0 is not allowed")
+    raised = ValueError("tau=0.0 is not allowed")
+    ret.return_value = raised
     told, attrs, error = make_impl()._outcome(ret)
-    assert told is None and isinstance(error, ValueError)
+    assert told is None and error is raised
     assert attrs["status"] == "failed" and "tau=0.0" in attrs["error"]
+    assert capsys.readouterr().err == ""  # the sweep logs the failure, Hydra's line is kept out
 
 
 def running_trial(study: optuna.Study, worker: str, pid: int) -> optuna.trial.Trial:
@@ -367,7 +369,7 @@ def test_a_cross_validated_trial_reports_its_own_wall_time(tmp_path):
 def test_the_legend_of_trials_png_hides_no_trial(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from lightning_stl.sweeper import plot_trials
+    from lightning_stl.reporting.sweep_report import plot_trials
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)

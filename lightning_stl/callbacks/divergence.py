@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_stl.checks import integer
+
 log = logging.getLogger(__name__)
 
 
@@ -23,9 +25,7 @@ class DivergenceGuard(L.Callback):
     """
 
     def __init__(self, check_every: int = 10):
-        if check_every < 1:
-            raise ValueError(f"check_every={check_every} is not allowed: it must be >= 1")
-        self.check_every = check_every
+        self.check_every = integer("DivergenceGuard check_every", check_every, low=1)
         self.diverged_at: int | None = None
         self.diverged_loss: float | None = None
 

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 
 from lightning_stl.callbacks.optimizer_step import AfterOptimizerStep
-from lightning_stl.settings_check import require_integer
+from lightning_stl.checks import flag, integer, number
 
 
 class MeanTeacherUpdate(AfterOptimizerStep):
@@ -46,25 +46,11 @@ class MeanTeacherUpdate(AfterOptimizerStep):
         average_buffers: bool = True,
         update_before_step: bool = False,
     ):
-        if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay <= 1:
-            raise ValueError(
-                f"mean teacher decay={decay!r} is not allowed: it must be a number in [0, 1]"
-            )
-        require_integer("mean teacher every_n_steps", every_n_steps, low=1)
-        self.decay = float(decay)
-        self.every_n_steps = every_n_steps
-        for name, flag in (
-            ("include_classifier", include_classifier),
-            ("average_buffers", average_buffers),
-            ("update_before_step", update_before_step),
-        ):
-            if not isinstance(flag, bool):
-                raise ValueError(
-                    f"mean teacher {name}={flag!r} is not allowed: it must be true or false"
-                )
-        self.include_classifier = include_classifier
-        self.average_buffers = average_buffers
-        self.update_before_step = update_before_step
+        self.decay = number("mean teacher decay", decay, at_least=0, at_most=1)
+        self.every_n_steps = integer("mean teacher every_n_steps", every_n_steps, low=1)
+        self.include_classifier = flag("mean teacher include_classifier", include_classifier)
+        self.average_buffers = flag("mean teacher average_buffers", average_buffers)
+        self.update_before_step = flag("mean teacher update_before_step", update_before_step)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "teacher", None) is None:

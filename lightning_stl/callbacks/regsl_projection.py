@@ -41,26 +41,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from lightning_stl.callbacks.optimizer_step import AfterOptimizerStep
+from lightning_stl.checks import number
 
 log = logging.getLogger(__name__)
-
-
-def check_radius(name: str, value: Any) -> float:
-    """A radius as a float; a clear error unless it is a finite number > 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value < float("inf")
-    ):
-        raise ValueError(f"RegSL {name}={value!r} is not allowed: it must be a finite number > 0")
-    return float(value)
 
 
 def _constrained(parameter: Tensor) -> bool:
@@ -77,8 +66,8 @@ def projection_radii(
 
     Raises ``ValueError`` for a group prefix that names no weight of the backbone.
     """
-    radius = check_radius("radius", radius)
-    growth = check_radius("growth", growth)
+    radius = number("RegSL radius", radius, above=0)
+    growth = number("RegSL growth", growth, above=0)
     names = [n for n, p in backbone.named_parameters() if _constrained(p)]
     if groups is None:
         order: list[str] = []
@@ -136,9 +125,11 @@ class RegSLProjection(AfterOptimizerStep):
         head_radius: float | None = 14.08,
         groups: Mapping[str, int] | None = None,
     ):
-        self.radius = check_radius("radius", radius)
-        self.growth = check_radius("growth", growth)
-        self.head_radius = None if head_radius is None else check_radius("head_radius", head_radius)
+        self.radius = number("RegSL radius", radius, above=0)
+        self.growth = number("RegSL growth", growth, above=0)
+        self.head_radius = (
+            None if head_radius is None else number("RegSL head_radius", head_radius, above=0)
+        )
         self.groups = None if groups is None else dict(groups)
         self.radii: dict[str, float] = {}
         self.references: dict[str, Tensor] = {}
@@ -160,8 +151,15 @@ class RegSLProjection(AfterOptimizerStep):
                 "no `head` module; set head_radius=null"
             )
         self.radii = projection_radii(backbone, self.radius, self.growth, self.groups)
-        parameters = dict(backbone.named_parameters())
-        self.references = {n: parameters[n].detach().clone() for n in self.radii}
+        # the centres: the module's frozen pre-trained snapshot ω⁰ when it has one (shared, never
+        # trained), else a copy of the backbone as it is when training starts
+        pretrained = getattr(pl_module, "pretrained", None)
+        if isinstance(pretrained, nn.Module):
+            parameters = dict(pretrained.named_parameters())
+            self.references = {n: parameters[n].detach() for n in self.radii}
+        else:
+            parameters = dict(backbone.named_parameters())
+            self.references = {n: parameters[n].detach().clone() for n in self.radii}
         log.info(
             "RegSL: %d weights of the backbone constrained, radii %g to %g",
             len(self.radii),

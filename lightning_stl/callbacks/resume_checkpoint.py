@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_stl.settings_check import require_integer
+from lightning_stl.checks import integer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = 500,
         every_n_minutes: float | None = 5.0,
     ):
-        require_integer(
+        integer(
             "callbacks.resume_checkpoint.every_n_train_steps",
             every_n_train_steps,
             low=1,

@@ -39,31 +39,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_stl.checks import integer, number
+
 log = logging.getLogger(__name__)
-
-
-def check_rifle_times(times: Any) -> int:
-    """``times`` as an int; a clear error unless it is an integer >= 0."""
-    if isinstance(times, bool) or not isinstance(times, int) or times < 0:
-        raise ValueError(
-            f"RIFLE times={times!r} is not allowed: the number of re-initialisations must be an "
-            "integer >= 0"
-        )
-    return times
-
-
-def check_last_fraction(last_fraction: Any) -> float:
-    """``last_fraction`` as a float; a clear error unless it lies in [0, 1)."""
-    if (
-        isinstance(last_fraction, bool)
-        or not isinstance(last_fraction, int | float)
-        or not 0 <= last_fraction < 1
-    ):
-        raise ValueError(
-            f"RIFLE last_fraction={last_fraction!r} is not allowed: the share of the steps at the "
-            "end of training without re-initialisation must lie in [0, 1)"
-        )
-    return float(last_fraction)
 
 
 def rifle_steps(total_steps: int, times: int, last_fraction: float = 0.125) -> list[int]:
@@ -74,12 +52,9 @@ def rifle_steps(total_steps: int, times: int, last_fraction: float = 0.125) -> l
     the new head); duplicates (T < times + 1) are merged. A step s means "after the s-th optimiser
     step, before the (s + 1)-th".
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(
-            f"RIFLE total_steps={total_steps!r} is not allowed: it must be an integer >= 1"
-        )
-    times = check_rifle_times(times)
-    last_fraction = check_last_fraction(last_fraction)
+    integer("RIFLE total_steps", total_steps, low=1)
+    times = integer("RIFLE times", times, low=0)
+    last_fraction = number("RIFLE last_fraction", last_fraction, at_least=0, below=1)
     last_stretch = math.ceil(last_fraction * total_steps)
     steps = {k * total_steps // (times + 1) for k in range(1, times + 1)}
     return sorted(s for s in steps if s >= 1 and total_steps - s >= last_stretch)
@@ -123,8 +98,14 @@ class RIFLE(Callback):
         reset_momentum: bool = True,
         head: str = "head",
     ):
-        self.times = check_rifle_times(times)
-        self.last_fraction = check_last_fraction(last_fraction)
+        self.times = integer("RIFLE times", times, low=0)
+        self.last_fraction = number(
+            "RIFLE last_fraction",
+            last_fraction,
+            at_least=0,
+            below=1,
+            what="the untouched end share",
+        )
         self.reset_momentum = bool(reset_momentum)
         self.head = str(head)
         self.schedule: list[int] = []

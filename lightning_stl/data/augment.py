@@ -8,12 +8,16 @@ Appendix A.1 follows ResNet's CIFAR recipe), no flip for digits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_stl.checks import flag
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,7 @@ class BatchAugment:
             raise ValueError(
                 f"crop_padding={self.crop_padding!r} is not allowed: it must be an integer >= 0"
             )
-        if not isinstance(self.horizontal_flip, bool):
-            raise ValueError(
-                f"horizontal_flip={self.horizontal_flip!r} is not allowed: it must be true or false"
-            )
+        flag("horizontal_flip", self.horizontal_flip)
 
     @property
     def is_identity(self) -> bool:
@@ -48,6 +49,29 @@ class BatchAugment:
         if self.horizontal_flip:
             x = random_horizontal_flip(x)
         return x
+
+
+def as_augment(
+    value: BatchAugment | dict[str, Any] | None, default: BatchAugment, name: str
+) -> BatchAugment:
+    """``data.<name>``: null (the data set's default), a BatchAugment, or its settings."""
+    if value is None:
+        return default
+    if isinstance(value, BatchAugment):
+        return value
+    settings = ", ".join(f.name for f in dataclasses.fields(BatchAugment))
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"data.{name}={value!r} is not allowed: it must be null (the data set's default) or "
+            f"settings of the batch augmentation: {settings}"
+        )
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(BatchAugment)})
+    if unknown:
+        raise ValueError(
+            f"data.{name}.{unknown[0]} is not a setting of the batch augmentation; its "
+            f"settings: {settings}"
+        )
+    return BatchAugment(**value)
 
 
 def random_crop(x: Tensor, padding: int) -> Tensor:

@@ -19,7 +19,6 @@ on the drawn training set (``cv_folds``, ``cv_fold``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,48 +28,27 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from lightning_stl.data.augment import BatchAugment, Normalize
-from lightning_stl.data.file_image_set import FileImageDataset, FileImageSet, smile_transform
+from lightning_stl.checks import choice, integer
+from lightning_stl.data import loaders
+from lightning_stl.data.augment import BatchAugment, Normalize, as_augment
+from lightning_stl.data.file_image_set import FileImageSet, smile_transform
 from lightning_stl.data.image_set import ImageSet
-from lightning_stl.data.protocols import (
-    SamplingProtocol,
-    cv_fold_split,
-    parse_protocol,
-    stratified_subset,
-)
+from lightning_stl.data.loaders import AnySet
+from lightning_stl.data.protocols import SamplingProtocol, parse_protocol
 from lightning_stl.data.registry import get_dataset
-from lightning_stl.data.streams import EpochPermutationSampler, ResumableLoader
+from lightning_stl.data.streams import ResumableLoader
+from lightning_stl.data.target_splits import (
+    check_cv,
+    check_target_size,
+    held_out_size,
+    split_target,
+)
 from lightning_stl.schedule import SOURCE, TARGET
 
 EPOCH_BASES = (SOURCE, TARGET)
-
-AnySet = ImageSet | FileImageSet
-
-
-class InMemoryDataset(Dataset):
-    """Batched indexing into an :class:`ImageSet`: one gather per batch, no per-sample collation."""
-
-    def __init__(self, data: ImageSet):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.data.images[index], self.data.labels[index]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.data.images[index], self.data.labels[index]
-
-
-def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Collate function for :meth:`InMemoryDataset.__getitems__`, which already returns a batch."""
-    return batch
 
 
 class SourceTargetDataModule(L.LightningDataModule):
@@ -145,8 +123,7 @@ class SourceTargetDataModule(L.LightningDataModule):
         ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"data.{name}={value} is not allowed: it must be an integer > 0")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} is not allowed: it must be >= 0")
+        integer("data.num_workers", num_workers, low=0)
         self.target_name, self.source_name = target, source
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
@@ -156,38 +133,24 @@ class SourceTargetDataModule(L.LightningDataModule):
             )
         self.download = bool(download)
         self.target_size = target_size
-        if val_size is not None and (
-            isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0
-        ):
-            raise ValueError(f"data.val_size={val_size} is not allowed: it must be an integer >= 0")
+        integer("data.val_size", val_size, low=0, null=True, also="null (the data set's own)")
         self.protocol = parse_protocol(protocol)
         if self.protocol is not None and target_size is not None:
             raise ValueError(
                 f"data.protocol={self.protocol.name!r} and data.target_size={target_size} both "
                 f"choose the training images; set one of them to null"
             )
-        self.cv_folds, self.cv_fold = _check_cv(cv_folds, cv_fold)
-        if self.cv_folds is not None and val_size:
-            raise ValueError(
-                f"data.val_size={val_size} and data.cv_folds={self.cv_folds} both choose the "
-                f"validation images; set data.val_size=0 (or null) to validate on a fold"
-            )
-        if self.cv_folds is not None:
-            self.val_size = 0
-        else:
-            self.val_size = val_size if val_size is not None else self.target_spec.val_size
-        self._check_target_size(self.target_spec.train_size)
+        self.cv_folds, self.cv_fold = check_cv(cv_folds, cv_fold)
+        self.val_size = held_out_size(val_size, self.cv_folds, self.target_spec.val_size)
+        check_target_size(target_size, self.val_size, self.target_spec.train_size, target)
         self.batch_size = {TARGET: target_batch_size, SOURCE: source_batch_size}
         self.eval_batch_size = eval_batch_size
         self.split_seed, self.subset_seed = int(split_seed), int(subset_seed)
         self.options = {TARGET: dict(target_options or {}), SOURCE: dict(source_options or {})}
+        source_default = self.source_spec.augment if self.source_spec else BatchAugment()
         self.augment = {
-            TARGET: _as_augment(target_augment, self.target_spec.augment, "target_augment"),
-            SOURCE: _as_augment(
-                source_augment,
-                self.source_spec.augment if self.source_spec else BatchAugment(),
-                "source_augment",
-            ),
+            TARGET: as_augment(target_augment, self.target_spec.augment, "target_augment"),
+            SOURCE: as_augment(source_augment, source_default, "source_augment"),
         }
         self.num_workers = int(num_workers)
         self.transforms = {
@@ -208,28 +171,6 @@ class SourceTargetDataModule(L.LightningDataModule):
         self.normalize: dict[str, Normalize] = {}
 
     # ------------------------------------------------------------------ configuration
-    def _check_target_size(self, official_train_size: int | None) -> None:
-        n = self.target_size
-        if n is None:
-            return
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ValueError(f"data.target_size={n} is not allowed: it must be an integer >= 1")
-        if official_train_size is None:
-            return
-        pool = official_train_size - self.val_size
-        if pool < 1:
-            raise ValueError(
-                f"data.val_size={self.val_size} is not allowed: {self.target_name} has "
-                f"{official_train_size:,} training images, so 0 to {official_train_size - 1:,} can "
-                "be held out for validation"
-            )
-        if n > pool:
-            raise ValueError(
-                f"data.target_size={n} exceeds the {pool:,} training images of "
-                f"{self.target_name} ({official_train_size:,} minus {self.val_size:,} "
-                f"held out for validation); allowed: 1 to {pool:,}"
-            )
-
     def configure_training(
         self, domains: Sequence[str], epoch_basis: str, seed: int | None = None
     ) -> None:
@@ -241,10 +182,7 @@ class SourceTargetDataModule(L.LightningDataModule):
             raise ValueError("training needs at least one of the domains 'target' and 'source'")
         if SOURCE in domains and self.source_spec is None:
             raise ValueError("this method trains on the source, but data.source is null")
-        if epoch_basis not in EPOCH_BASES:
-            raise ValueError(
-                f"epoch_basis={epoch_basis!r} is not allowed: choose one of {', '.join(EPOCH_BASES)}"
-            )
+        choice("epoch_basis", epoch_basis, EPOCH_BASES)
         if epoch_basis == SOURCE and self.source_spec is None:
             raise ValueError(
                 "epoch_basis='source' needs a source data set, but data.source is null"
@@ -271,46 +209,20 @@ class SourceTargetDataModule(L.LightningDataModule):
         if self.test_set is not None:
             return
         target = self.target_spec.load(self.root, download=False, **self.options[TARGET])
-        train, test = target["train"], target["test"]
-        labels = train.labels.numpy()
-        val_set: AnySet | None = None
-        pool_idx = np.arange(len(train))
-        if self.val_size > 0:
-            if self.val_size >= len(train):
-                raise ValueError(
-                    f"{self.target_name} has {len(train)} training images, too few to hold out "
-                    f"{self.val_size} for validation"
-                )
-            pool_idx, val_idx = train_test_split(
-                pool_idx, test_size=self.val_size, stratify=labels, random_state=self.split_seed
-            )
-            pool_idx = np.sort(pool_idx)
-            val_set = train.subset(np.sort(val_idx))
-        self._check_target_size(len(train))
-        if self.protocol is not None:
-            draw = self.protocol.draw(
-                labels[pool_idx],
-                train.num_classes,
-                self.subset_seed,
-                name=f"the {len(pool_idx):,} training images of {self.target_name}",
-            )
-            pool_idx = pool_idx[draw.indices]
-            self.target_class_ids = draw.class_ids
-        elif self.target_size is not None:
-            pool_idx = pool_idx[
-                stratified_subset(labels[pool_idx], self.target_size, self.subset_seed)
-            ]
-        train_set = train.subset(pool_idx)
-        if self.target_class_ids is not None:
-            ids = self.target_class_ids
-            train_set, test = train_set.select_classes(ids), test.select_classes(ids)
-            val_set = val_set.select_classes(ids) if val_set is not None else None
-        if self.cv_folds is not None:
-            fit_idx, fold_idx = cv_fold_split(
-                train_set.labels.numpy(), self.cv_folds, self.cv_fold, self.split_seed
-            )
-            train_set, val_set = train_set.subset(fit_idx), train_set.subset(fold_idx)
-        self.train_sets[TARGET], self.val_set, self.test_set = train_set, val_set, test
+        splits = split_target(
+            target["train"],
+            target["test"],
+            name=self.target_name,
+            val_size=self.val_size,
+            split_seed=self.split_seed,
+            subset_seed=self.subset_seed,
+            target_size=self.target_size,
+            protocol=self.protocol,
+            cv_folds=self.cv_folds,
+            cv_fold=self.cv_fold,
+        )
+        self.target_class_ids = splits.class_ids
+        self.train_sets[TARGET], self.val_set, self.test_set = splits.train, splits.val, splits.test
         if self.source_spec is not None:
             self.train_sets[SOURCE] = self.source_spec.load(
                 self.root, download=False, **self.options[SOURCE]
@@ -403,32 +315,18 @@ class SourceTargetDataModule(L.LightningDataModule):
         seed = self.stream_seed
         if seed is None:  # not chosen by configure_training: from the seeded global RNG
             seed = self.stream_seed = int(torch.randint(0, 2**62, ()))
-        loaders = {}
-        for index, domain in enumerate(self.train_domains):
-            data = self.train_sets[domain]
-            dataset = self._dataset(data, train=True)
-            batch = self.batch_size[domain]
-            sampler = EpochPermutationSampler(
-                len(dataset),
-                steps * batch,
-                seed,
-                stream=index + len(EPOCH_BASES) * rank,
-                with_seeds=isinstance(data, FileImageSet),  # transformed image by image
-            )
-            loaders[domain] = ResumableLoader(
-                dataset, sampler, batch, **self._loader_options(data, train=True)
-            )
         positions, self._resume_positions = self._resume_positions, None
-        if positions is not None:
-            if set(positions) != set(loaders):
-                raise ValueError(
-                    f"the checkpoint being resumed holds the streams {sorted(positions)}, but "
-                    f"this stage trains on {sorted(loaders)}"
-                )
-            for domain, loader in loaders.items():
-                loader.load_state_dict(positions[domain])
-        self._train_loaders = loaders
-        return CombinedLoader(loaders, mode="min_size")
+        self._train_loaders = loaders.stream_loaders(
+            {domain: self.train_sets[domain] for domain in self.train_domains},
+            self.batch_size,
+            steps,
+            seed,
+            first_stream=len(EPOCH_BASES) * rank,
+            transform=self.transforms[True],
+            num_workers=self.num_workers,
+            positions=positions,
+        )
+        return CombinedLoader(self._train_loaders, mode="min_size")
 
     def state_dict(self) -> dict[str, Any]:
         """Where each training stream of the running fit is (saved in checkpoints by Lightning).
@@ -443,38 +341,12 @@ class SourceTargetDataModule(L.LightningDataModule):
         """Continue the streams of ``state_dict`` in the next :meth:`train_dataloader`."""
         self._resume_positions = dict(state_dict["streams"]) if state_dict.get("streams") else None
 
-    def _dataset(self, data: AnySet, train: bool) -> Dataset:
-        if isinstance(data, FileImageSet):
-            return FileImageDataset(data, self.transforms[train])
-        return InMemoryDataset(data)
-
-    def _loader_options(self, data: AnySet, train: bool) -> dict[str, Any]:
-        """Collation and workers: batched gathers for in-memory sets (persistent workers for
-        training only), per-image decoding in persistent workers, into pinned memory on CUDA,
-        for file-based sets."""
-        if isinstance(data, FileImageSet):
-            return {
-                "num_workers": self.num_workers,
-                "persistent_workers": self.num_workers > 0,
-                "pin_memory": torch.cuda.is_available(),
-            }
-        return {
-            "collate_fn": keep_batch,
-            "num_workers": self.num_workers,
-            "persistent_workers": train and self.num_workers > 0,
-        }
-
-    def _eval_loader(self, data: AnySet | None) -> DataLoader:
+    def eval_loader(self, data: AnySet | None) -> DataLoader:
+        """One pass through ``data``, in order, without augmentation."""
         if data is None:
             raise RuntimeError("call setup() before asking for evaluation data")
-        return DataLoader(
-            self._dataset(data, train=False),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            # its own seed for the workers: creating the iterator (Lightning does so on resume
-            # where the uninterrupted run did not) leaves the global RNG of training alone
-            generator=torch.Generator().manual_seed(self.split_seed),
-            **self._loader_options(data, train=False),
+        return loaders.eval_loader(
+            data, self.transforms[False], self.eval_batch_size, self.num_workers, self.split_seed
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -484,10 +356,21 @@ class SourceTargetDataModule(L.LightningDataModule):
                 f"is null): train with limit_val_batches=0, or set data.cv_folds (or "
                 f"data.val_size > 0) to validate"
             )
-        return self._eval_loader(self.val_set)
+        return self.eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)
+        return self.eval_loader(self.test_set)
+
+    def target_loader(self, split: str) -> DataLoader:
+        """An evaluation loader (no augmentation, no shuffle) over the target's training images
+        (``"train"``; :meth:`setup` runs first where it has not) or its test set (``"test"``);
+        its batches go through :meth:`on_after_batch_transfer`."""
+        choice("split", split, ("train", "test"))
+        if split == "test":
+            return self.test_dataloader()
+        if not self.train_sets:
+            self.setup("fit")
+        return self.eval_loader(self.train_sets[TARGET])
 
     # ------------------------------------------------------------------ on-device preprocessing
     def preprocess(self, domain: str, images: Tensor, train: bool) -> Tensor:
@@ -513,60 +396,3 @@ class SourceTargetDataModule(L.LightningDataModule):
             }
         x, y = batch
         return self.preprocess(TARGET, x, train=False), y
-
-
-def _check_cv(cv_folds: Any, cv_fold: Any) -> tuple[int | None, int]:
-    """``(cv_folds, cv_fold)`` after checking them; errors name the value and what is allowed.
-
-    ``cv_fold=None`` means "every fold" to :func:`lightning_stl.run.train`, which builds one
-    DataModule per fold; a DataModule itself is one fold.
-    """
-    if cv_fold is None and cv_folds is None:
-        return None, 0
-    if cv_fold is None:
-        raise ValueError(
-            f"data.cv_fold=null with data.cv_folds={cv_folds}: a DataModule holds one fold; "
-            "choose cv_fold in 0..cv_folds-1 (lightning_stl.run trains every fold for null)"
-        )
-    if isinstance(cv_fold, bool) or not isinstance(cv_fold, int | np.integer):
-        raise ValueError(f"data.cv_fold={cv_fold} is not allowed: it must be an integer or null")
-    if cv_folds is None:
-        if cv_fold != 0:
-            raise ValueError(
-                f"data.cv_fold={cv_fold} is not allowed without data.cv_folds: set data.cv_folds "
-                f"(e.g. 3) to cross-validate, or leave cv_fold at 0"
-            )
-        return None, 0
-    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int | np.integer) or cv_folds < 2:
-        raise ValueError(
-            f"data.cv_folds={cv_folds} is not allowed: it must be null or an integer >= 2"
-        )
-    if not 0 <= cv_fold < cv_folds:
-        raise ValueError(
-            f"data.cv_fold={cv_fold} is not allowed: with data.cv_folds={cv_folds} it must lie "
-            f"in [0, {cv_folds}), i.e. 0 to {cv_folds - 1}"
-        )
-    return int(cv_folds), int(cv_fold)
-
-
-def _as_augment(
-    value: BatchAugment | dict[str, Any] | None, default: BatchAugment, name: str
-) -> BatchAugment:
-    """``data.<name>``: null (the data set's default), a BatchAugment, or its settings."""
-    if value is None:
-        return default
-    if isinstance(value, BatchAugment):
-        return value
-    settings = ", ".join(f.name for f in dataclasses.fields(BatchAugment))
-    if not isinstance(value, dict):
-        raise ValueError(
-            f"data.{name}={value!r} is not allowed: it must be null (the data set's default) or "
-            f"settings of the batch augmentation: {settings}"
-        )
-    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(BatchAugment)})
-    if unknown:
-        raise ValueError(
-            f"data.{name}.{unknown[0]} is not a setting of the batch augmentation; its "
-            f"settings: {settings}"
-        )
-    return BatchAugment(**value)

@@ -21,6 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from lightning_stl.checks import flag, integer
+from lightning_stl.data.labels import check_labels
 from lightning_stl.data.protocols import class_selection
 
 __all__ = [
@@ -54,19 +56,7 @@ class FileImageSet:
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "files", np.asarray(self.files, dtype=str).reshape(-1))
         object.__setattr__(self, "classes", tuple(self.classes))
-        if self.labels.ndim != 1 or self.labels.shape[0] != len(self.files):
-            raise ValueError(
-                f"labels must have shape [{len(self.files)}], got {tuple(self.labels.shape)}"
-            )
-        if self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
-        if len(self.labels) and (
-            int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes
-        ):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got "
-                f"[{int(self.labels.min())}, {int(self.labels.max())}]"
-            )
+        check_labels(self.labels, len(self.files), self.num_classes)
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(
                 f"{len(self.classes)} class names given for num_classes={self.num_classes}"
@@ -126,8 +116,7 @@ def smile_transform(
     says 256 x 256 for every data set.
     """
     for name, value in (("resize_size", resize_size), ("crop_size", crop_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"data.{name}={value} is not allowed: it must be an integer >= 1")
+        integer(f"data.{name}", value, low=1)
     if crop_size > resize_size:
         raise ValueError(
             f"data.crop_size={crop_size} exceeds data.resize_size={resize_size}; allowed: "
@@ -136,10 +125,7 @@ def smile_transform(
     crop: list[Callable] = (
         [T.RandomCrop(crop_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop_size)]
     )
-    if not isinstance(keep_aspect, bool):
-        raise ValueError(
-            f"data.keep_aspect={keep_aspect!r} is not allowed: it must be true or false"
-        )
+    flag("data.keep_aspect", keep_aspect)
     return T.Compose(
         [
             T.Resize(resize_size if keep_aspect else (resize_size, resize_size)),

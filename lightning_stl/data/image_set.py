@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_stl.data.labels import check_labels
 from lightning_stl.data.protocols import class_selection
 
 
@@ -36,19 +37,7 @@ class ImageSet:
             raise ValueError(f"images must have shape [N, C, H, W], got {tuple(self.images.shape)}")
         if self.images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8, got {self.images.dtype}")
-        if self.labels.ndim != 1 or self.labels.shape[0] != self.images.shape[0]:
-            raise ValueError(
-                f"labels must have shape [{self.images.shape[0]}], got {tuple(self.labels.shape)}"
-            )
-        if self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64, got {self.labels.dtype}")
-        if len(self.labels) and (
-            int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes
-        ):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got "
-                f"[{int(self.labels.min())}, {int(self.labels.max())}]"
-            )
+        check_labels(self.labels, self.images.shape[0], self.num_classes)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from lightning_stl.checks import integer
+
 __all__ = [
     "PROTOCOL_FORMS",
     "ProtocolDraw",
@@ -225,8 +227,7 @@ def cv_fold_split(
     arrays are sorted.
     """
     labels = np.asarray(labels)
-    if not 0 <= fold < folds:
-        raise ValueError(f"data.cv_fold={fold} is not allowed: it must lie in [0, {folds})")
+    integer("data.cv_fold", fold, 0, folds - 1)
     if len(labels) < folds:
         raise ValueError(
             f"data.cv_folds={folds} needs at least {folds} training images, got {len(labels)}"

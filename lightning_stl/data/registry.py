@@ -113,6 +113,23 @@ def _read_cache(path: Path) -> dict[str, ImageSet]:
     }
 
 
+def _tensor_set(
+    name: str, num_classes: int, val_size: int, train_size: int, files: str, flip: bool = False
+) -> DatasetSpec:
+    """The torchvision set ``name`` (``load_<name>`` of :mod:`lightning_stl.data.torchvision_sets`),
+    decoded once into the tensor cache; ``flip``: CIFAR's augmentation (pad-and-crop by 4 pixels
+    and horizontal flips, Smooth Transfer Learning Appendix A.1), else none."""
+    return DatasetSpec(
+        f"lightning_stl.data.torchvision_sets:load_{name}",
+        num_classes=num_classes,
+        val_size=val_size,
+        train_size=train_size,
+        augment=BatchAugment(crop_padding=4, horizontal_flip=True) if flip else BatchAugment(),
+        files=files,
+        cache=True,
+    )
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(
         "lightning_stl.data.uci_digits:load_uci_digits",
@@ -128,40 +145,10 @@ DATASETS: dict[str, DatasetSpec] = {
         train_size=None,
         files="rendered from matplotlib's fonts, cached under <root>/rendered_digits",
     ),
-    "mnist": DatasetSpec(
-        "lightning_stl.data.torchvision_sets:load_mnist",
-        num_classes=10,
-        val_size=6000,
-        train_size=60000,
-        files="<root>/MNIST/raw/*-ubyte",
-        cache=True,
-    ),
-    "svhn": DatasetSpec(
-        "lightning_stl.data.torchvision_sets:load_svhn",
-        num_classes=10,
-        val_size=7326,
-        train_size=73257,
-        files="<root>/train_32x32.mat, <root>/test_32x32.mat",
-        cache=True,
-    ),
-    "cifar10": DatasetSpec(
-        "lightning_stl.data.torchvision_sets:load_cifar10",
-        num_classes=10,
-        val_size=5000,
-        train_size=50000,
-        augment=BatchAugment(crop_padding=4, horizontal_flip=True),
-        files="<root>/cifar-10-batches-py",
-        cache=True,
-    ),
-    "cifar100": DatasetSpec(
-        "lightning_stl.data.torchvision_sets:load_cifar100",
-        num_classes=100,
-        val_size=5000,
-        train_size=50000,
-        augment=BatchAugment(crop_padding=4, horizontal_flip=True),
-        files="<root>/cifar-100-python",
-        cache=True,
-    ),
+    "mnist": _tensor_set("mnist", 10, 6000, 60000, "<root>/MNIST/raw/*-ubyte"),
+    "svhn": _tensor_set("svhn", 10, 7326, 73257, "<root>/train_32x32.mat, <root>/test_32x32.mat"),
+    "cifar10": _tensor_set("cifar10", 10, 5000, 50000, "<root>/cifar-10-batches-py", flip=True),
+    "cifar100": _tensor_set("cifar100", 100, 5000, 50000, "<root>/cifar-100-python", flip=True),
     # The fine-grained targets of SMILE (Section 4.0.1), read from files per batch.
     "cub200": DatasetSpec(
         "lightning_stl.data.fine_grained:load_cub200",

@@ -49,6 +49,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, SVHN
 from torchvision.datasets.utils import check_integrity
 
+from lightning_stl.checks import integer
 from lightning_stl.data.errors import DatasetNotFoundError
 from lightning_stl.data.image_set import ImageSet
 
@@ -215,8 +216,7 @@ def load_mnist(
             failed.
         ValueError: ``image_size`` is not positive or ``channels`` is not 1 or 3.
     """
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+    integer("mnist image_size", image_size, low=1)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     root = Path(root)

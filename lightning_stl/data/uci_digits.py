@@ -14,6 +14,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from lightning_stl.checks import integer
 from lightning_stl.data.image_set import ImageSet
 
 NUM_IMAGES = 1797
@@ -27,10 +28,7 @@ def load_uci_digits(
     Images are ``[N, 1, 8, 8]`` uint8 in [0, 16] (``max_value=16``). ``root`` and ``download`` are
     accepted for a uniform loader signature and are not used.
     """
-    if not 10 <= test_size <= NUM_IMAGES - 20:
-        raise ValueError(
-            f"test_size={test_size} is not allowed for digits: it must lie in [10, {NUM_IMAGES - 20}]"
-        )
+    integer("digits test_size", test_size, 10, NUM_IMAGES - 20)
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))

@@ -1,4 +1,4 @@
-"""Validation and test on the target, shared by every method's LightningModule."""
+"""What every method's LightningModule shares: the training-loss log, target validation and test."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ class TargetEvaluation(L.LightningModule):
         super().__init__()
         self.val_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
+
+    def log_training_loss(self, loss: Tensor, parts: dict[str, Tensor]) -> None:
+        """``train/loss`` (on the progress bar) and each part as ``train/loss_<name>``, per step;
+        Lightning's loggers write them every ``trainer.log_every_n_steps`` steps."""
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        values = {f"train/loss_{name}": value for name, value in parts.items()}
+        self.log_dict(values, on_step=True, on_epoch=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

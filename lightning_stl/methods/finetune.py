@@ -21,27 +21,30 @@ The teacher (:class:`~lightning_stl.models.mean_teacher.MeanTeacher`) is moved b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-import hydra
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_stl.checks import number
 from lightning_stl.methods.evaluation import TargetEvaluation
+from lightning_stl.methods.regularizer_setup import fine_tune_setup
 from lightning_stl.models.mean_teacher import MeanTeacher
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_model import SourceModel
 from lightning_stl.optim import SGDConfig
 from lightning_stl.regularizers import (
     FeatureMixupLoss,
+    FineTuneStep,
     LabelMixupLoss,
     MixupPairs,
-    check_loss_weight,
+    Regularizer,
     check_mixup_alpha,
+    pretrained_snapshot,
 )
-from lightning_stl.regularizers.base import FineTuneStep
-from lightning_stl.schedule import TARGET, logs_this_step
+from lightning_stl.schedule import TARGET
 
 
 class FineTune(TargetEvaluation):
@@ -60,12 +63,17 @@ class FineTune(TargetEvaluation):
         label_mixup_weight: γ_FC of L^FC (Eq. 5), >= 0.
         feature_mixup_form, label_mixup_form: ``"paper"`` or ``"official"`` (see
             :mod:`lightning_stl.regularizers.smile`).
-        regularizers: Configs (``_target_`` + arguments) of further
-            :class:`~lightning_stl.regularizers.base.Regularizer` s whose penalties are added to
-            the loss (L2-SP, DELTA, BSS, Co-Tuning...); they compose with mixup and SMILE.
+        regularizers: Further :class:`~lightning_stl.regularizers.Regularizer` s (built by
+            Hydra from ``method.regularizers``) whose penalties are added to the loss (L2-SP,
+            DELTA, BSS, Co-Tuning...); they compose with mixup and SMILE.
+        with_source_head: Whether the model has the auxiliary source-class head; ``None``:
+            when γ_FC > 0 or a regulariser trains it (``uses_source_head``). The value decided is
+            saved in ``hparams``.
 
     The teacher exists when γ_FE > 0 or γ_FC > 0; it is part of ``state_dict`` (checkpoints).
-    Every argument is a plain value, so ``FineTune.load_from_checkpoint(path)`` rebuilds it.
+    The regularisers keep nothing in ``state_dict`` (they are set up again from the source
+    model), nor does the pre-trained snapshot, so ``FineTune.load_from_checkpoint(path)``
+    rebuilds a trained model from its plain ``hparams`` alone, without its regularisers.
     """
 
     def __init__(
@@ -82,15 +90,17 @@ class FineTune(TargetEvaluation):
         label_mixup_weight: float = 0.0,
         feature_mixup_form: str = "paper",
         label_mixup_form: str = "paper",
-        regularizers: list[dict[str, Any]] | None = None,
+        regularizers: Sequence[Regularizer] = (),
+        with_source_head: bool | None = None,
     ):
         super().__init__(num_target_classes)
-        self.save_hyperparameters()
-        self.feature_mixup_weight = check_loss_weight(
-            "method.module.feature_mixup_weight (γ_FE)", feature_mixup_weight
+        # objects stay out of the checkpoint's hparams (torch.load(weights_only=True))
+        self.save_hyperparameters(ignore=["regularizers"])
+        self.feature_mixup_weight = number(
+            "method.module.feature_mixup_weight (γ_FE)", feature_mixup_weight, at_least=0
         )
-        self.label_mixup_weight = check_loss_weight(
-            "method.module.label_mixup_weight (γ_FC)", label_mixup_weight
+        self.label_mixup_weight = number(
+            "method.module.label_mixup_weight (γ_FC)", label_mixup_weight, at_least=0
         )
         self.mixup_alpha = None if mixup_alpha is None else check_mixup_alpha(mixup_alpha)
         regularised = self.feature_mixup_weight > 0 or self.label_mixup_weight > 0
@@ -111,12 +121,13 @@ class FineTune(TargetEvaluation):
         self.optimizer_config = SGDConfig(**(optimizer or {}))
         self.backbone = create_backbone(backbone, in_chans=in_chans, **(backbone_options or {}))
         self.head = nn.Linear(self.backbone.num_features, num_target_classes)
-        self.regularizers = nn.ModuleList(
-            [hydra.utils.instantiate(conf, _convert_="all") for conf in regularizers or []]
-        )
-        wants_source_head = self.label_mixup_weight > 0 or any(
-            getattr(r, "uses_source_head", False) for r in self.regularizers
-        )
+        self.regularizers = nn.ModuleList(regularizers)
+        wants_source_head = with_source_head
+        if wants_source_head is None:
+            wants_source_head = self.label_mixup_weight > 0 or any(
+                r.uses_source_head for r in self.regularizers
+            )
+        self.hparams["with_source_head"] = bool(wants_source_head)
         if wants_source_head and not num_source_classes:
             raise ValueError(
                 "a regulariser of this method trains the pre-trained source classifier "
@@ -127,6 +138,12 @@ class FineTune(TargetEvaluation):
             nn.Linear(self.backbone.num_features, num_source_classes) if wants_source_head else None
         )
         self.source_model: SourceModel | None = None  # set by load_source_model, not saved
+        # ω⁰, the one frozen copy of the pre-trained backbone every regulariser reads (L2-SP's
+        # starting point, DELTA's frozen model, Co-Tuning's features, RegSL's projection centre);
+        # loaded by load_source_model, never trained, always in eval mode (see train()).
+        self.pretrained = pretrained_snapshot(self.backbone) if self.regularizers else None
+        self.register_state_dict_post_hook(_without_pretrained)
+        self.register_load_state_dict_post_hook(_pretrained_not_missing)
         self.feature_mixup = FeatureMixupLoss(feature_mixup_form)
         self.label_mixup = LabelMixupLoss(label_mixup_form)
         self.teacher = MeanTeacher(self.backbone, self.source_head) if regularised else None
@@ -137,6 +154,8 @@ class FineTune(TargetEvaluation):
         classifier, and the teacher as a copy of both. The target head stays freshly initialised.
         """
         self.backbone.load_state_dict(source.backbone, strict=True)
+        if self.pretrained is not None:
+            self.pretrained.load_state_dict(source.backbone, strict=True)
         self.source_model = source
         if self.source_head is not None:
             if source.classifier is None:
@@ -158,9 +177,23 @@ class FineTune(TargetEvaluation):
             self.teacher.copy_from(self.backbone, self.source_head)
 
     def setup_regularizers(self, datamodule: Any) -> None:
-        """:meth:`Regularizer.setup` of each regulariser, after :meth:`load_source_model`."""
+        """:meth:`Regularizer.setup` of each regulariser with this model's backbone, heads and
+        pre-trained snapshot and ``datamodule``'s target training images, after
+        :meth:`load_source_model`."""
+        if not self.regularizers:
+            return
+        setup = fine_tune_setup(
+            self.backbone, self.head, self.pretrained, self.source_head, datamodule
+        )
         for regularizer in self.regularizers:
-            regularizer.setup(self, datamodule)
+            regularizer.setup(setup)
+
+    def train(self, mode: bool = True) -> FineTune:
+        """As ``nn.Module.train``, but the pre-trained snapshot stays in eval mode."""
+        super().train(mode)
+        if self.pretrained is not None:
+            self.pretrained.eval()
+        return self
 
     def teacher_sources(self) -> tuple[nn.Module, nn.Module | None]:
         """The student's modules the mean teacher averages: backbone and auxiliary head."""
@@ -201,9 +234,11 @@ class FineTune(TargetEvaluation):
             parts = {"mixup": pairs.cross_entropy(logits, y)}
             loss = parts["mixup"]
         if self.regularizers:
-            step = FineTuneStep(mixed, x, y, feature_map, features, logits, pairs)
+            step = FineTuneStep(
+                mixed, x, y, feature_map, features, logits, pairs, int(self.current_epoch)
+            )
             for regularizer in self.regularizers:
-                parts[regularizer.name] = regularizer(step, self)
+                parts[regularizer.name] = regularizer(step)
                 loss = loss + parts[regularizer.name]
         if self.teacher is not None:
             teacher_features, teacher_logits = self.teacher(
@@ -225,10 +260,7 @@ class FineTune(TargetEvaluation):
             raise ValueError("FineTune trains on the target: the batch has no 'target' sub-batch")
         x, y = batch[TARGET]
         loss, parts = self.training_loss(x, y)
-        if logs_this_step(self.trainer):
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-            for name, value in parts.items():
-                self.log(f"train/loss_{name}", value, on_step=True, on_epoch=False)
+        self.log_training_loss(loss, parts)
         return loss
 
     def student_parameters(self) -> list[nn.Parameter]:
@@ -242,3 +274,18 @@ class FineTune(TargetEvaluation):
         return self.optimizer_config.build(
             self.student_parameters(), int(self.trainer.estimated_stepping_batches)
         )
+
+
+def _without_pretrained(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """``state_dict`` post-hook: drop the pre-trained snapshot (set up again from the source
+    model, as every regulariser's state; checkpoints stay the size of the model they train)."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}pretrained.")]:
+        del state_dict[key]
+
+
+def _pretrained_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the snapshot's keys are never in a checkpoint."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("pretrained.")]

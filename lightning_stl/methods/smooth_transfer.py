@@ -21,7 +21,7 @@ from lightning_stl.methods.evaluation import TargetEvaluation
 from lightning_stl.models.registry import create_backbone
 from lightning_stl.models.source_target import SourceTargetClassifier
 from lightning_stl.optim import SGDConfig
-from lightning_stl.schedule import SOURCE, TARGET, logs_this_step
+from lightning_stl.schedule import SOURCE, TARGET
 
 
 def smooth_transfer_loss(
@@ -113,10 +113,7 @@ class SmoothTransfer(TargetEvaluation):
             source[1] if source is not None else None,
             weight,
         )
-        if logs_this_step(self.trainer):
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-            for domain, value in parts.items():
-                self.log(f"train/loss_{domain}", value, on_step=True, on_epoch=False)
+        self.log_training_loss(loss, parts)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -3,11 +3,13 @@
     IL(f) = E_{x,x'} E_{δ1,δ2 ~ P_δ} E_{λ ~ P_λ} ‖ f(Mix_{λδ1+(1−λ)δ2}(x, x'))
                                                 − (λ f(Mix_{δ1}(x, x')) + (1−λ) f(Mix_{δ2}(x, x'))) ‖₂
 
-with Mix_δ(u, v) = (1 − δ)·u + δ·v (the paper's Eq. 4 operator). Because
-Mix_{λδ1+(1−λ)δ2}(x, x') = λ·Mix_{δ1}(x, x') + (1−λ)·Mix_{δ2}(x, x'), the loss is zero for every
-affine f. On the features of the backbone it is the paper's Feature-IL, on the classifier's outputs
-its Label-IL (Table 6). The distributions P_δ and P_λ are not given in the paper; this uses
-Beta(α, α) for both (α = 1: uniform).
+with Mix_δ(u, v) = δ·u + (1 − δ)·v, the mix of every SMILE loss in this project
+(:meth:`lightning_stl.regularizers.mixup.MixupPairs.mix`, λ·u + (1 − λ)·u[π]; the paper's Eq. 4
+writes (1 − δ)·u + δ·v, the same operator with δ and 1 − δ swapped, the same in distribution for
+δ ~ Beta(α, α)). Because Mix_{λδ1+(1−λ)δ2}(x, x') = λ·Mix_{δ1}(x, x') + (1−λ)·Mix_{δ2}(x, x'),
+the loss is zero for every affine f. On the features of the backbone it is the paper's
+Feature-IL, on the classifier's outputs its Label-IL (Table 6). The distributions P_δ and P_λ are
+not given in the paper; this uses Beta(α, α) for both (α = 1: uniform).
 """
 
 from __future__ import annotations
@@ -17,27 +19,33 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-def mix(u: Tensor, v: Tensor, delta: Tensor) -> Tensor:
-    """Mix_δ(u, v) = (1 − δ)·u + δ·v for a batch ``[B, ...]`` with one δ per sample ``[B]``."""
+def mix(u: Tensor, v: Tensor, weight: Tensor) -> Tensor:
+    """Mix_w(u, v) = w·u + (1 − w)·v for a batch ``[B, ...]`` with one weight per sample ``[B]``
+    (as :meth:`~lightning_stl.regularizers.mixup.MixupPairs.mix` mixes u with u[π])."""
     shape = (-1,) + (1,) * (u.ndim - 1)
-    delta = delta.to(u.dtype).view(shape)
-    return (1 - delta) * u + delta * v
+    return torch.lerp(v, u, weight.to(u.dtype).view(shape))
 
 
 def sample_mixing_weights(
     batch_size: int, alpha: float = 1.0, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """δ1, δ2 and λ, each ``[B]`` from Beta(α, α)."""
+    """δ1, δ2 and λ, each ``[B]`` from Beta(α, α), drawn on the CPU.
+
+    Without ``generator`` they come from torch's global RNG. With one, from a seed drawn from
+    ``generator``: the same generator state gives the same draws, and the global RNG is left
+    as it was (``torch.distributions`` takes no generator, so a fork of the CPU RNG is seeded).
+    """
     if alpha <= 0:
         raise ValueError(f"alpha={alpha} is not allowed: the Beta parameter must be > 0")
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
     if generator is None:
         draws = beta.sample((3, batch_size))
-    else:  # torch.distributions takes no generator: Beta(α, α) as the ratio G1 / (G1 + G2) of Gammas
-        gamma = torch._standard_gamma(
-            torch.full((6, batch_size), float(alpha)), generator=generator
-        )
-        draws = gamma[:3] / (gamma[:3] + gamma[3:])
+    else:
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only: torch.manual_seed would reseed the caller's CUDA RNGs too
+            torch.default_generator.manual_seed(seed)
+            draws = beta.sample((3, batch_size))
     return draws[0], draws[1], draws[2]
 
 
@@ -76,8 +84,8 @@ class InterpolationLoss(Metric):
                 f"the three outputs must have one shape, got {tuple(out_mixed.shape)}, "
                 f"{tuple(out_first.shape)} and {tuple(out_second.shape)}"
             )
-        # λ·f(Mix_δ1) + (1 − λ)·f(Mix_δ2) = Mix_{1−λ}(f(Mix_δ1), f(Mix_δ2))
-        expected = mix(out_first, out_second, 1 - lam)
+        # λ·f(Mix_δ1) + (1 − λ)·f(Mix_δ2) = Mix_λ(f(Mix_δ1), f(Mix_δ2))
+        expected = mix(out_first, out_second, lam)
         distance = (out_mixed - expected).flatten(1).norm(dim=1)
         self.total += distance.sum().to(torch.float64)
         self.count += distance.numel()

@@ -22,38 +22,31 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg
 from torch import Tensor, nn
 
-from lightning_stl.models.registry import check_unused_kwargs, register_backbone
+from lightning_stl.models.backbone import TimmBackbone, backbone_cfg, build_variant
+from lightning_stl.models.registry import register_backbone
 
 __all__ = ["DigitsCNN"]
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (1, 8, 8),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
+    return backbone_cfg(
+        input_size=(1, 8, 8),
+        pool_size=(4, 4),
         # sklearn load_digits pixels / 16
-        "mean": (0.3053,),
-        "std": (0.3760,),
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "description": "small CNN for 8x8 optdigits images, random initialisation",
+        mean=(0.3053,),
+        std=(0.3760,),
+        description="small CNN for 8x8 optdigits images, random initialisation",
         **kwargs,
-    }
+    )
 
 
 # read by timm.models.register_model: the pretrained config of each registered name (no weights)
 default_cfgs = {"digits_cnn": _cfg()}
 
 
-class DigitsCNN(nn.Module):
+class DigitsCNN(TimmBackbone):
     """Three-convolution CNN for 8x8 digits with timm's model interface.
 
     Args:
@@ -77,15 +70,8 @@ class DigitsCNN(nn.Module):
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__()
-        check_unused_kwargs(kwargs, type(self).__name__)
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate}")
+        super().__init__(num_classes, in_chans, drop_rate, kwargs)
         dd = {"device": device, "dtype": dtype}
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False, **dd)
         self.bn1 = nn.BatchNorm2d(widths[0], **dd)
         self.act1 = nn.ReLU(inplace=True)
@@ -97,38 +83,12 @@ class DigitsCNN(nn.Module):
         self.bn3 = nn.BatchNorm2d(widths[2], **dd)
         self.act3 = nn.ReLU(inplace=True)
 
-        self.num_features = self.head_hidden_size = widths[2]
         self.feature_info = [
             {"num_chs": widths[0], "reduction": 1, "module": "act1"},
             {"num_chs": widths[1], "reduction": 1, "module": "act2"},
             {"num_chs": widths[2], "reduction": 2, "module": "act3"},
         ]
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd
-        )
-        self.head_drop = nn.Dropout(drop_rate)
-        self.apply(_init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (``nn.Identity`` when ``num_classes == 0``)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
-        ref = self.conv1.weight
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        self.fc.apply(_init_weights)
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        self.init_head(widths[2], global_pool, drop_rate, **dd)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, 128, H // 2, W // 2]`` (``[B, 128, 4, 4]`` for 8x8)."""
@@ -136,35 +96,10 @@ class DigitsCNN(nn.Module):
         x = self.pool(self.act2(self.bn2(self.conv2(x))))
         return self.act3(self.bn3(self.conv3(x)))
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool, dropout, classify: ``[B, 128, h, w] -> [B, num_classes]`` (``[B, 128]`` if
-        ``pre_logits`` or ``num_classes == 0``)."""
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W] -> [B, num_classes]`` (pooled features ``[B, 128]`` if no classifier)."""
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """He-normal (fan-out) convolutions, unit BN, zero classifier bias."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-
 
 @register_backbone
 def digits_cnn(pretrained: bool = False, **kwargs: Any) -> DigitsCNN:
     """The small CNN for 8x8 one-channel digits (128 pooled features)."""
-    return build_model_with_cfg(
-        DigitsCNN,
-        "digits_cnn",
-        pretrained,
-        feature_cfg={"out_indices": (0, 1, 2)},
-        **kwargs,
+    return build_variant(
+        DigitsCNN, "digits_cnn", pretrained, default_cfgs, _cfg, (0, 1, 2), **kwargs
     )

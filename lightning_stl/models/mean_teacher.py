@@ -9,8 +9,9 @@ source model ω_s and is "periodically updated by the fine-tuned model in a movi
 the LightningModule, so it is saved in and restored from checkpoints with the student, but its
 parameters never require gradients, it is never handed to the optimiser, it stays in eval mode
 (BatchNorm uses its running statistics) whatever ``.train()`` is called with, and its forward runs
-under ``torch.no_grad``. The update is fused: one ``torch._foreach_lerp_`` over all parameters and
-(by default) floating-point buffers (as timm's ``ModelEmaV3`` does), no Python loop over tensors.
+under ``torch.no_grad``. The averaging is torch's
+(:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`): one fused ``torch._foreach_lerp_`` over all
+parameters and (by default) floating-point buffers, no Python loop over tensors.
 
 What is averaged: the paper does not say. By default the teacher averages parameters *and* the
 float buffers (BatchNorm's running mean and variance) and copies the integer ones, so its
@@ -26,6 +27,24 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+# Why the teacher is not a torch.optim.swa_utils.AveragedModel nor a timm.utils.ModelEmaV3, whose
+# averaging it uses (get_ema_multi_avg_fn is the same fused torch._foreach_lerp_ ModelEmaV3 calls):
+# * both hold the averaged copy as `.module`: the keys would move from teacher.backbone.* to
+#   teacher.backbone.module.* (AveragedModel adds n_averaged), so checkpoints written so far and
+#   the code and tests that read the teacher's keys (tests/test_smile.py) would no longer fit;
+# * buffers=False (the official code) keeps the pre-trained BatchNorm statistics, but
+#   AveragedModel(use_buffers=False) and ModelEmaV3(exclude_buffers=True) copy the student's
+#   buffers at every update;
+# * AveragedModel(use_buffers=True) with get_ema_multi_avg_fn averages BatchNorm's integer
+#   num_batches_tracked and truncates it (0.9 * 0 + 0.1 * 7 -> 0), where it is copied here (as
+#   ModelEmaV3 does); its first update_parameters copies instead of averaging (n_averaged == 0);
+#   and it fixes the decay when built, while FineTune builds the teacher before the callback,
+#   which owns the decay, exists;
+# * include_classifier=False leaves the classifier out of the average, which would take a second
+#   wrapper for the classifier.
+# So the teacher keeps its own modules and picks the tensors; torch's function averages them.
 
 
 class MeanTeacher(nn.Module):
@@ -49,22 +68,25 @@ class MeanTeacher(nn.Module):
         """Stay in eval mode: the teacher's BatchNorm statistics move only through :meth:`update`."""
         return super().train(False)
 
-    def _pairs(
-        self,
-        backbone: nn.Module,
-        classifier: nn.Module | None,
-        include_classifier: bool,
-        buffers: bool = True,
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """(teacher floats, student floats, teacher integer buffers, student integer buffers);
-        with ``buffers=False`` parameters only (both buffer lists empty)."""
-        modules = [(self.backbone, backbone)]
+    def _modules_to_move(
+        self, backbone: nn.Module, classifier: nn.Module | None, include_classifier: bool
+    ) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher module, student module): the backbone, and the classifier unless left out."""
+        pairs = [(self.backbone, backbone)]
         if include_classifier and self.classifier is not None:
             if classifier is None:
                 raise ValueError("the teacher has a classifier but the student gave none")
-            modules.append((self.classifier, classifier))
-        ours, theirs, our_ints, their_ints = [], [], [], []
-        for teacher, student in modules:
+            pairs.append((self.classifier, classifier))
+        return pairs
+
+    @staticmethod
+    def _tensors(
+        pairs: list[tuple[nn.Module, nn.Module]], buffers: bool
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher tensors, student tensors) of ``pairs`` in state-dict order: parameters and
+        buffers, or with ``buffers=False`` the parameters only."""
+        ours, theirs = [], []
+        for teacher, student in pairs:
             if buffers:
                 t_state = teacher.state_dict(keep_vars=True)
                 s_state = student.state_dict(keep_vars=True)
@@ -73,21 +95,15 @@ class MeanTeacher(nn.Module):
                 s_state = dict(student.named_parameters())
             if t_state.keys() != s_state.keys():
                 raise ValueError("the student's modules no longer match the teacher's")
-            for key, t_value in t_state.items():
-                s_value = s_state[key]
-                if t_value.is_floating_point():
-                    ours.append(t_value.data)
-                    theirs.append(s_value.data)
-                else:
-                    our_ints.append(t_value.data)
-                    their_ints.append(s_value.data)
-        return ours, theirs, our_ints, their_ints
+            ours += [value.data for value in t_state.values()]
+            theirs += [s_state[key].data for key in t_state]
+        return ours, theirs
 
     @torch.no_grad()
     def copy_from(self, backbone: nn.Module, classifier: nn.Module | None = None) -> None:
         """Make the teacher an exact copy of the student (the start of fine-tuning: ω_T = ω_s)."""
-        ours, theirs, our_ints, their_ints = self._pairs(backbone, classifier, True)
-        torch._foreach_copy_(ours + our_ints, theirs + their_ints)
+        ours, theirs = self._tensors(self._modules_to_move(backbone, classifier, True), True)
+        torch._foreach_copy_(ours, theirs)
 
     @torch.no_grad()
     def update(
@@ -102,12 +118,17 @@ class MeanTeacher(nn.Module):
         (BatchNorm's ``num_batches_tracked``) are copied. ``include_classifier=False`` keeps the
         teacher's classifier at its pre-trained weights, ``buffers=False`` every buffer (BatchNorm
         statistics) at its pre-trained value: the official code does both."""
-        ours, theirs, our_ints, their_ints = self._pairs(
-            backbone, classifier, include_classifier, buffers
-        )
-        torch._foreach_lerp_(ours, theirs, 1.0 - decay)
-        if our_ints:
-            torch._foreach_copy_(our_ints, their_ints)
+        pairs = self._modules_to_move(backbone, classifier, include_classifier)
+        floats: tuple[list[Tensor], list[Tensor]] = ([], [])
+        ints: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for ours, theirs in zip(*self._tensors(pairs, buffers), strict=True):
+            kind = floats if ours.is_floating_point() else ints
+            kind[0].append(ours)
+            kind[1].append(theirs)
+        if floats[0]:
+            get_ema_multi_avg_fn(decay)(*floats, None)
+        if ints[0]:
+            torch._foreach_copy_(*ints)
 
     @torch.no_grad()
     def forward(

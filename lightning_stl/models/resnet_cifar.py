@@ -22,37 +22,23 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg
 from torch import Tensor, nn
 
-from lightning_stl.models.registry import check_unused_kwargs, register_backbone
+from lightning_stl.models.backbone import TimmBackbone, build_variant, cifar_cfg
+from lightning_stl.models.registry import register_backbone
 
 __all__ = ["BasicBlock", "CifarResNet", "ZeroPadShortcut", "resnet_cifar"]
 
 Shortcut = Literal["A", "B"]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": CIFAR10_MEAN,
-        "std": CIFAR10_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "paper_ids": "arXiv:1512.03385",
-        "paper_name": "Deep Residual Learning for Image Recognition",
-        "description": "CIFAR ResNet (He et al. 2016, Sec. 4.2), random initialisation",
+    return cifar_cfg(
+        paper_ids="arXiv:1512.03385",
+        paper_name="Deep Residual Learning for Image Recognition",
+        description="CIFAR ResNet (He et al. 2016, Sec. 4.2), random initialisation",
         **kwargs,
-    }
+    )
 
 
 # read by timm.models.register_model: the pretrained config of each registered name (no weights)
@@ -120,7 +106,7 @@ class BasicBlock(nn.Module):
         return self.act2(x + shortcut)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(TimmBackbone):
     """CIFAR ResNet of depth ``6n+2`` with timm's model interface (He et al. 2016, Sec. 4.2).
 
     Args:
@@ -148,22 +134,16 @@ class CifarResNet(nn.Module):
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__()
-        check_unused_kwargs(kwargs, type(self).__name__)
+        super().__init__(num_classes, in_chans, drop_rate, kwargs)
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate}")
         dd = {"device": device, "dtype": dtype}
         blocks = (depth - 2) // 6
         self.depth = depth
         self.blocks_per_stage = blocks
         self.shortcut = shortcut
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
 
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False, **dd)
         self.bn1 = nn.BatchNorm2d(widths[0], **dd)
@@ -181,39 +161,13 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
 
-        self.num_features = self.head_hidden_size = widths[-1]
         self.feature_info = [
             {"num_chs": widths[0], "reduction": 1, "module": "act1"},
             {"num_chs": widths[0], "reduction": 1, "module": "layer1"},
             {"num_chs": widths[1], "reduction": 2, "module": "layer2"},
             {"num_chs": widths[2], "reduction": 4, "module": "layer3"},
         ]
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd
-        )
-        self.head_drop = nn.Dropout(drop_rate)
-        self.apply(_init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (``nn.Identity`` when ``num_classes == 0``)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
-        ref = self.conv1.weight
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        self.fc.apply(_init_weights)
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        self.init_head(widths[-1], global_pool, drop_rate, **dd)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, 64, ceil(H/4), ceil(W/4)]`` (the unpooled last stage)."""
@@ -221,27 +175,6 @@ class CifarResNet(nn.Module):
         x = self.layer1(x)
         x = self.layer2(x)
         return self.layer3(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool, dropout, classify: ``[B, 64, h, w] -> [B, num_classes]`` (``[B, 64]`` if
-        ``pre_logits`` or ``num_classes == 0``)."""
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W] -> [B, num_classes]`` (pooled features ``[B, 64]`` if no classifier)."""
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """He et al. 2015 initialisation (the paper's choice): normal convs, unit BN, zero biases."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 def resnet_cifar(depth: int, pretrained: bool = False, **kwargs: Any) -> CifarResNet:
@@ -252,14 +185,13 @@ def resnet_cifar(depth: int, pretrained: bool = False, **kwargs: Any) -> CifarRe
     :func:`timm.models.build_model_with_cfg` (``pretrained_cfg``, ``pretrained_cfg_overlay``,
     ``features_only``, ...).
     """
-    variant = f"resnet{depth}"
-    if kwargs.get("pretrained_cfg") is None and variant not in default_cfgs:
-        kwargs["pretrained_cfg"] = _cfg(architecture=variant)
-    return build_model_with_cfg(
+    return build_variant(
         CifarResNet,
-        variant,
+        f"resnet{depth}",
         pretrained,
-        feature_cfg={"out_indices": (0, 1, 2, 3)},
+        default_cfgs,
+        _cfg,
+        (0, 1, 2, 3),
         depth=depth,
         **kwargs,
     )

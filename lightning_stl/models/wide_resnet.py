@@ -26,35 +26,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg
 from torch import Tensor, nn
 
-from lightning_stl.models.registry import check_unused_kwargs, register_backbone
+from lightning_stl.models.backbone import TimmBackbone, build_variant, cifar_cfg
+from lightning_stl.models.registry import register_backbone
 
 __all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": CIFAR10_MEAN,
-        "std": CIFAR10_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "paper_ids": "arXiv:1605.07146",
-        "paper_name": "Wide Residual Networks",
-        "description": "Wide ResNet (Zagoruyko & Komodakis 2016), random initialisation",
+    return cifar_cfg(
+        paper_ids="arXiv:1605.07146",
+        paper_name="Wide Residual Networks",
+        description="Wide ResNet (Zagoruyko & Komodakis 2016), random initialisation",
         **kwargs,
-    }
+    )
 
 
 # read by timm.models.register_model: the pretrained config of each registered name (no weights)
@@ -99,7 +85,7 @@ class WideBasicBlock(nn.Module):
         return self.conv2(y) + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(TimmBackbone):
     """WRN-``depth``-``widen_factor`` with timm's model interface (Zagoruyko & Komodakis 2016).
 
     Args:
@@ -125,23 +111,17 @@ class WideResNet(nn.Module):
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__()
-        check_unused_kwargs(kwargs, type(self).__name__)
+        super().__init__(num_classes, in_chans, drop_rate, kwargs)
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
         if widen_factor < 1:
             raise ValueError(f"widen_factor must be >= 1, got {widen_factor}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate}")
         dd = {"device": device, "dtype": dtype}
         blocks = (depth - 4) // 6
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.depth = depth
         self.widen_factor = widen_factor
         self.blocks_per_stage = blocks
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
 
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False, **dd)
         in_planes = widths[0]
@@ -159,38 +139,14 @@ class WideResNet(nn.Module):
         self.norm = nn.BatchNorm2d(widths[-1], **dd)
         self.act = nn.ReLU(inplace=True)
 
-        self.num_features = self.head_hidden_size = widths[-1]
         self.feature_info = [
             {"num_chs": widths[0], "reduction": 1, "module": "conv1"},
             {"num_chs": widths[1], "reduction": 1, "module": "layer1"},
             {"num_chs": widths[2], "reduction": 2, "module": "layer2"},
             {"num_chs": widths[3], "reduction": 4, "module": "act"},
         ]
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd
-        )
-        self.apply(_init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (``nn.Identity`` when ``num_classes == 0``)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs."""
-        ref = self.conv1.weight
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(
-            self.num_features,
-            num_classes,
-            pool_type=global_pool,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        self.fc.apply(_init_weights)
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        # no dropout before the classifier: WRN's dropout is inside the blocks
+        self.init_head(widths[-1], global_pool, None, **dd)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, 64k, ceil(H/4), ceil(W/4)]`` (after the final BN-ReLU)."""
@@ -199,27 +155,6 @@ class WideResNet(nn.Module):
         x = self.layer2(x)
         x = self.layer3(x)
         return self.act(self.norm(x))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool and classify: ``[B, 64k, h, w] -> [B, num_classes]`` (``[B, 64k]`` if
-        ``pre_logits`` or ``num_classes == 0``). WRN has no dropout here (it is in the blocks)."""
-        x = self.global_pool(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W] -> [B, num_classes]`` (pooled features ``[B, 64k]`` if no classifier)."""
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The authors' initialisation: fan-out He-normal convs, unit BN, zero classifier bias."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 def wide_resnet(
@@ -231,14 +166,13 @@ def wide_resnet(
     ``wrn{depth}_{widen_factor}``. ``kwargs`` go to :class:`WideResNet` (e.g. ``drop_rate=0.3``) or
     to :func:`timm.models.build_model_with_cfg` (``pretrained_cfg``, ``features_only``, ...).
     """
-    variant = f"wrn{depth}_{widen_factor}"
-    if kwargs.get("pretrained_cfg") is None and variant not in default_cfgs:
-        kwargs["pretrained_cfg"] = _cfg(architecture=variant)
-    return build_model_with_cfg(
+    return build_variant(
         WideResNet,
-        variant,
+        f"wrn{depth}_{widen_factor}",
         pretrained,
-        feature_cfg={"out_indices": (0, 1, 2, 3)},
+        default_cfgs,
+        _cfg,
+        (0, 1, 2, 3),
         depth=depth,
         widen_factor=widen_factor,
         **kwargs,

@@ -12,16 +12,11 @@ components that fine-tuning on few images would otherwise learn (negative transf
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
+from lightning_stl.checks import integer, number
 from lightning_stl.regularizers.base import FineTuneStep, Regularizer
-from lightning_stl.regularizers.smile import check_loss_weight
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_stl.methods.finetune import FineTune
 
 
 def smallest_singular_values_squared(features: Tensor, k: int) -> Tensor:
@@ -47,7 +42,7 @@ def smallest_singular_values_squared(features: Tensor, k: int) -> Tensor:
 class BatchSpectralShrinkage(Regularizer):
     """L_bss of Chen et al. (NeurIPS 2019) on the student's pooled features.
 
-    ``forward(step, module)`` takes ``step.features`` ``[B, F]`` (the backbone's pooled features
+    ``forward(step)`` takes ``step.features`` ``[B, F]`` (the backbone's pooled features
     of the images the student saw, after mixup when it is on) and returns the scalar
     η · Σ_{i=1}^{k} σ²_{−i}. The gradient flows through the SVD into the backbone.
 
@@ -62,12 +57,10 @@ class BatchSpectralShrinkage(Regularizer):
 
     def __init__(self, eta: float = 1e-3, k: int = 1):
         super().__init__()
-        self.eta = check_loss_weight("BSS eta (η)", eta)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"BSS k={k!r} is not allowed: it must be an integer >= 1")
-        self.k = k
+        self.eta = number("BSS eta (η)", eta, at_least=0)
+        self.k = integer("BSS k", k, low=1)
 
-    def forward(self, step: FineTuneStep, module: FineTune) -> Tensor:
+    def forward(self, step: FineTuneStep) -> Tensor:
         return self.eta * smallest_singular_values_squared(step.features, self.k)
 
     def extra_repr(self) -> str:

@@ -48,21 +48,16 @@ non-persistent buffer (``state_dict`` does not change with setup).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_stl.interpolation import split_loader
-from lightning_stl.regularizers.base import FineTuneStep, Regularizer
-from lightning_stl.regularizers.smile import check_loss_weight
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_stl.methods.finetune import FineTune
+from lightning_stl.checks import choice, number
+from lightning_stl.regularizers.base import FineTuneSetup, FineTuneStep, Regularizer
 
 log = logging.getLogger(__name__)
 
@@ -197,47 +192,27 @@ def reverse_relationship(
 
 
 # ---------------------------------------------------------------------- the source classifier
-def pretrained_classifier(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """The pre-trained source classifier ``(weight [K_S, F], bias [K_S])`` of a module about to be
-    fine-tuned: the classifier of its ``source_model`` (kept by ``FineTune.load_source_model``),
-    else its ``source_head`` (loaded from that classifier, not trained yet at setup)."""
-    source = getattr(module, "source_model", None)
-    classifier = getattr(source, "classifier", None)
-    if classifier is not None:
-        return classifier["weight"].detach(), classifier["bias"].detach()
-    head = getattr(module, "source_head", None)
-    if isinstance(head, nn.Linear):
-        return head.weight.detach(), head.bias.detach()
-    raise ValueError(
-        f"Co-Tuning needs the pre-trained source classifier, but {type(module).__name__} has no "
-        "source_model with a classifier and no source_head. Give backbone.weights a file or "
-        "checkpoint with its classifier, or use another method"
-    )
-
-
 def source_probabilities(
-    module: nn.Module,
+    backbone: nn.Module,
     weight: Tensor,
     bias: Tensor,
-    loader: Any,
-    preprocess: Callable[[Any], tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, Tensor]],
     logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """q(x) = softmax(logit_scale · (W g(x) + b)) ``[N, K_S]`` (float64, CPU) and the labels
-    ``[N]`` of every batch of ``loader``, with the module's features ``g`` in eval mode."""
-    device = weight.device
-    was_training = module.training
-    module.eval()
+    ``[N]`` of every batch ``(x [B, C, H, W], y [B])``, with the pooled features g = ``backbone(x)``
+    ``[B, F]`` in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
     probabilities, labels = [], []
     try:
         with torch.no_grad():
-            for batch in loader:
-                x, y = preprocess(move_data_to_device(batch, device))
-                logits = F.linear(module.extract_features(x), weight, bias)
+            for x, y in batches:
+                logits = F.linear(backbone(x), weight, bias)
                 probabilities.append((logits.double() * logit_scale).softmax(dim=1).cpu())
                 labels.append(y.cpu())
     finally:
-        module.train(was_training)
+        backbone.train(was_training)
     return torch.cat(probabilities), torch.cat(labels)
 
 
@@ -245,7 +220,7 @@ def source_probabilities(
 class CoTuning(Regularizer):
     """trade_off · L_Co: the source classifier's cross-entropy against p(y_s | y_t = y).
 
-    ``forward(step, module)`` takes ``step.features`` ``[B, F]`` and ``step.labels`` ``[B]`` and
+    ``forward(step)`` takes ``step.features`` ``[B, F]`` and ``step.labels`` ``[B]`` and
     returns the scalar trade_off · mean_i (−Σ_s r_{y_i, s} · log softmax(z_s(f_i))_s) with r the
     relationship ``[K_T, K_S]`` (mixed with the step's λ and π under mixup).
 
@@ -277,64 +252,43 @@ class CoTuning(Regularizer):
         seed: int = 0,
     ):
         super().__init__()
-        self.trade_off = check_loss_weight("Co-Tuning trade_off", trade_off)
-        if method not in METHODS:
-            raise ValueError(
-                f"Co-Tuning method={method!r} is not allowed: choose one of {', '.join(METHODS)}"
-            )
-        self.method = method
-        if (
-            isinstance(logit_scale, bool)
-            or not isinstance(logit_scale, int | float)
-            or not 0 < logit_scale < float("inf")
-        ):
-            raise ValueError(
-                f"Co-Tuning logit_scale={logit_scale!r} is not allowed: it must be a finite "
-                "number > 0"
-            )
-        self.logit_scale = float(logit_scale)
-        if (
-            isinstance(holdout_fraction, bool)
-            or not isinstance(holdout_fraction, int | float)
-            or not 0 <= holdout_fraction < 1
-        ):
-            raise ValueError(
-                f"Co-Tuning holdout_fraction={holdout_fraction!r} is not allowed: it must lie in "
-                "[0, 1)"
-            )
-        self.holdout_fraction = float(holdout_fraction)
-        c_grid = tuple(float(c) for c in c_grid)
-        if not c_grid or not all(c > 0 for c in c_grid):
+        self.trade_off = number("Co-Tuning trade_off", trade_off, at_least=0)
+        self.method = choice("Co-Tuning method", method, METHODS)
+        self.logit_scale = number("Co-Tuning logit_scale", logit_scale, above=0)
+        self.holdout_fraction = number(
+            "Co-Tuning holdout_fraction", holdout_fraction, at_least=0, below=1
+        )
+        grid = [c for c in c_grid if not isinstance(c, bool) and isinstance(c, int | float)]
+        if not grid or len(grid) != len(c_grid) or not all(0 < c < float("inf") for c in grid):
             raise ValueError(
                 f"Co-Tuning c_grid={list(c_grid)} is not allowed: it must be a non-empty list of "
-                "numbers > 0"
+                "finite numbers > 0"
             )
-        self.c_grid = c_grid
+        self.c_grid = tuple(float(c) for c in grid)
         self.seed = int(seed)
         self.register_buffer("relationship", torch.empty(0), persistent=False)
 
-    def setup(self, module: FineTune, datamodule: Any) -> None:
-        """Learn p(y_s | y_t) with the pre-trained source classifier on the target training
-        images (``datamodule.train_sets["target"]``, evaluation transform, in eval mode)."""
-        if not isinstance(getattr(module, "source_head", None), nn.Linear):
+    def setup(self, setup: FineTuneSetup) -> None:
+        """Learn p(y_s | y_t) with the pre-trained source classifier (the ``source_head`` as
+        loaded, before any training) on the target training images (evaluation transform, the
+        pre-trained backbone in eval mode)."""
+        if setup.source_head is None:
             raise ValueError(
-                f"Co-Tuning fine-tunes the module's source_head, but {type(module).__name__} has "
-                "none: FineTune creates it for a regulariser with uses_source_head=True when it "
-                "is built with num_source_classes (the source model's classifier)"
+                "Co-Tuning fine-tunes the pre-trained source classifier, but the set-up has no "
+                "source_head: FineTune creates it for a regulariser with uses_source_head=True "
+                "when it is built with num_source_classes (the source model's classifier)"
             )
-        weight, bias = pretrained_classifier(module)
-        device = next(module.head.parameters()).device
-        weight, bias = weight.to(device), bias.to(device)
-
-        def preprocess(batch: Any) -> tuple[Tensor, Tensor]:
-            return datamodule.on_after_batch_transfer(batch, 0)
-
+        if setup.target_images is None:
+            raise ValueError("Co-Tuning learns its relationship on the target training images")
+        super().setup(setup)
+        weight, bias = setup.source_head.weight.detach(), setup.source_head.bias.detach()
+        batches = setup.target_images(weight.device)
         probabilities, labels = source_probabilities(
-            module, weight, bias, split_loader(datamodule, "train"), preprocess, self.logit_scale
+            setup.pretrained, weight, bias, batches, self.logit_scale
         )
         self.relationship = self.learn_relationship(
-            probabilities, labels, module.head.out_features
-        ).to(device=device, dtype=weight.dtype)
+            probabilities, labels, setup.num_target_classes
+        ).to(device=weight.device, dtype=weight.dtype)
 
     def learn_relationship(
         self, probabilities: Tensor, labels: Tensor, num_target_classes: int
@@ -351,13 +305,9 @@ class CoTuning(Regularizer):
             self.seed,
         )
 
-    def forward(self, step: FineTuneStep, module: FineTune) -> Tensor:
-        if self.relationship.numel() == 0:
-            raise RuntimeError(
-                "Co-Tuning has no category relationship yet: call CoTuning.setup(module, "
-                "datamodule) (FineTune.setup_regularizers) before training"
-            )
-        source_logits = module.source_head(step.features)
+    def forward(self, step: FineTuneStep) -> Tensor:
+        source_head = self.require_setup().source_head
+        source_logits = source_head(step.features)
         soft_labels = self.relationship[step.labels]
         if step.pairs is not None:
             soft_labels = step.pairs.mix(soft_labels)

@@ -14,18 +14,11 @@ Every fine-tuning regulariser that penalises the new head (L2-SP, DELTA) uses
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
 from torch import Tensor, nn
 
+from lightning_stl.checks import number
 from lightning_stl.regularizers.base import FineTuneStep, Regularizer
-from lightning_stl.regularizers.smile import check_loss_weight
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_stl.methods.finetune import FineTune
-
-_REFERENCE = "reference_"
 
 
 def head_penalty(head: nn.Module) -> Tensor:
@@ -43,14 +36,14 @@ def _device(module: nn.Module) -> torch.device:
 class L2SP(Regularizer):
     """The L2-SP penalty Ω(w) of Li, Grandvalet, Davoine (ICML 2018).
 
-    ``forward(step, module)`` returns the scalar
+    ``forward(step)`` returns the scalar
 
         α/2 · Σ_{p ∈ backbone} ‖p − p⁰‖²₂ + β/2 · (‖head.weight‖²₂ + ‖head.bias‖²₂)
 
-    over every parameter p of ``module.backbone`` (convolutions, BatchNorm affine parameters...,
-    as the official code: all parameters but the classifier) with p⁰ its value when
-    :meth:`setup` ran, i.e. the loaded source model; ``module.head`` is the new target head
-    ``[K_T, F]``. At the start of fine-tuning the first term is 0.
+    over every parameter p of the set-up's ``backbone`` (convolutions, BatchNorm affine
+    parameters..., as the official code: all parameters but the classifier) with p⁰ the same
+    parameter of ``pretrained`` (the frozen pre-trained backbone, :class:`FineTuneSetup`); ``head``
+    is the new target head ``[K_T, F]``. At the start of fine-tuning the first term is 0.
 
     Args:
         alpha: α ≥ 0, weight of the distance to the starting point. Default 0.01: the default of
@@ -62,52 +55,31 @@ class L2SP(Regularizer):
     With L2-SP the paper trains *without* ordinary weight decay: the penalty replaces it. Set
     ``optimizer.weight_decay=0`` (the ``method=l2sp`` config cannot, as the optimizer is its own
     config group), otherwise the backbone is also pulled towards 0.
-
-    The snapshot w⁰ is held in non-persistent buffers: it moves with the module (``.to``) but is
-    not in ``state_dict``, because :meth:`setup` always runs again (on the source model) before a
-    checkpoint is loaded.
     """
 
     name = "l2sp"
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01):
         super().__init__()
-        self.alpha = check_loss_weight("L2SP alpha (α)", alpha)
-        self.beta = check_loss_weight("L2SP beta (β)", beta)
-        self._names: list[str] = []
+        self.alpha = number("L2SP alpha (α)", alpha, at_least=0)
+        self.beta = number("L2SP beta (β)", beta, at_least=0)
 
-    def setup(self, module: FineTune, datamodule: Any = None) -> None:
-        """Snapshot w⁰: a copy of every backbone parameter, as loaded from the source model."""
-        for key in [k for k in self._buffers if k.startswith(_REFERENCE)]:
-            del self._buffers[key]
-        self._names = []
-        for index, (name, param) in enumerate(module.backbone.named_parameters()):
-            self.register_buffer(f"{_REFERENCE}{index}", param.detach().clone(), persistent=False)
-            self._names.append(name)
-
-    def references(self) -> list[Tensor]:
-        """w⁰, one tensor per backbone parameter, in ``named_parameters()`` order."""
-        return [self._buffers[f"{_REFERENCE}{i}"] for i in range(len(self._names))]
-
-    def distance(self, backbone: nn.Module) -> Tensor:
-        """‖w_S − w⁰_S‖²₂ (scalar, without α/2) of ``backbone`` to the snapshot."""
-        if not self._names:
-            raise RuntimeError("L2SP has no starting point: call setup(module, datamodule) first")
-        named = list(backbone.named_parameters())
-        names = [name for name, _ in named]
-        if names != self._names:
+    def distance(self) -> Tensor:
+        """‖w_S − w⁰_S‖²₂ (scalar, without α/2) of the backbone to the pre-trained one."""
+        setup = self.require_setup()
+        named = list(setup.backbone.named_parameters())
+        reference = dict(setup.pretrained.named_parameters())
+        if [name for name, _ in named] != list(reference):
             raise RuntimeError(
-                f"the backbone's parameters changed since L2SP.setup: {len(names)} parameters now, "
-                f"{len(self._names)} at setup; call setup again after changing the backbone"
+                f"the backbone has {len(named)} parameters, the pre-trained backbone "
+                f"{len(reference)} of other names: L2SP needs a copy of the same backbone"
             )
-        terms = [
-            (p - ref).pow(2).sum() for (_, p), ref in zip(named, self.references(), strict=True)
-        ]
+        terms = [(p - reference[name].to(p)).pow(2).sum() for name, p in named]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
-    def forward(self, step: FineTuneStep, module: FineTune) -> Tensor:
-        penalty = 0.5 * self.alpha * self.distance(module.backbone)
-        return penalty + 0.5 * self.beta * head_penalty(module.head)
+    def forward(self, step: FineTuneStep) -> Tensor:
+        penalty = 0.5 * self.alpha * self.distance()
+        return penalty + 0.5 * self.beta * head_penalty(self.require_setup().head)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}"

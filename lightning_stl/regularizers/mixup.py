@@ -19,19 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_stl.checks import number
+
 
 def check_mixup_alpha(alpha: float) -> float:
     """``alpha`` as a float; a clear error unless it is a positive Beta parameter."""
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, int | float)
-        or not 0 < alpha < float("inf")
-    ):
-        raise ValueError(
-            f"mixup alpha={alpha!r} is not allowed: the Beta(α, α) parameter must be a finite "
-            "number > 0"
-        )
-    return float(alpha)
+    return number("mixup alpha", alpha, above=0, what="the Beta(α, α) parameter")
 
 
 @dataclass(frozen=True)
@@ -51,7 +44,6 @@ class MixupPairs:
         alpha: float,
         device: torch.device | str = "cpu",
         fold: bool = False,
-        generator: torch.Generator | None = None,
     ) -> MixupPairs:
         """λ ~ Beta(α, α) (folded to max(λ, 1 − λ) when ``fold``) and a uniform random π.
 
@@ -59,12 +51,11 @@ class MixupPairs:
         draws the same λ sequence on any device.
         """
         alpha = check_mixup_alpha(alpha)
-        concentration = torch.tensor([alpha, alpha], dtype=torch.float64)
-        gammas = torch._standard_gamma(concentration, generator=generator)
-        weight = float(gammas[0] / gammas.sum())
+        concentration = torch.tensor(alpha, dtype=torch.float64)
+        weight = float(torch.distributions.Beta(concentration, concentration).sample())
         if fold:
             weight = max(weight, 1.0 - weight)
-        permutation = torch.randperm(batch_size, generator=generator).to(device)
+        permutation = torch.randperm(batch_size).to(device)
         return cls(weight, permutation)
 
     def mix(self, values: Tensor) -> Tensor:

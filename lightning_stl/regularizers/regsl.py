@@ -45,60 +45,20 @@ it needs plain cross-entropy training (no mixup).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_stl.checks import integer, number
 from lightning_stl.regularizers.base import FineTuneStep, Regularizer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_stl.methods.finetune import FineTune
-
-
-def check_threshold(threshold: Any) -> float:
-    """The label-correction confidence as a float; a clear error unless it lies in (0, 1)."""
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not 0 < threshold < 1
-    ):
-        raise ValueError(
-            f"RegSL threshold={threshold!r} is not allowed: the confidence above which a label is "
-            "corrected must lie in (0, 1)"
-        )
-    return float(threshold)
-
-
-def check_temperature(temperature: Any) -> float:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not 0 < temperature < float("inf")
-    ):
-        raise ValueError(
-            f"RegSL temperature={temperature!r} is not allowed: it must be a finite number > 0"
-        )
-    return float(temperature)
-
-
-def _check_epoch(name: str, epoch: Any) -> int | None:
-    if epoch is None:
-        return None
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-        raise ValueError(
-            f"RegSL {name}={epoch!r} is not allowed: it must be an epoch >= 1 (counted from 1, as "
-            "the official code does), or null to switch the step off"
-        )
-    return epoch
 
 
 def correct_labels(logits: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Self label-correction: ``(new_labels [B], changed [B] bool)`` for logits ``[B, K]`` and
     labels ``[B]``. A label changes to the model's prediction where the prediction differs from it
     with probability strictly above ``threshold``."""
-    threshold = check_threshold(threshold)
+    threshold = number("RegSL threshold", threshold, above=0, below=1)
     confidence, prediction = logits.detach().softmax(dim=1).max(dim=1)
     changed = (confidence > threshold) & (prediction != labels)
     return torch.where(changed, prediction, labels), changed
@@ -107,7 +67,7 @@ def correct_labels(logits: Tensor, labels: Tensor, threshold: float) -> tuple[Te
 def loss_weights(losses: Tensor, temperature: float) -> Tensor:
     """Label re-weighting: ``B · softmax(−losses / τ)`` ``[B]`` for per-image losses ``[B]``,
     detached; the weights average 1 and decrease as the loss grows."""
-    temperature = check_temperature(temperature)
+    temperature = number("RegSL temperature", temperature, above=0)
     losses = losses.detach()
     return len(losses) * torch.softmax(-losses / temperature, dim=0)
 
@@ -142,10 +102,17 @@ class RegSL(Regularizer):
         temperature: float = 2.0,
     ):
         super().__init__()
-        self.threshold = check_threshold(threshold)
-        self.correct_epoch = _check_epoch("correct_epoch", correct_epoch)
-        self.reweight_epoch = _check_epoch("reweight_epoch", reweight_epoch)
-        self.temperature = check_temperature(temperature)
+        self.threshold = number("RegSL threshold", threshold, above=0, below=1)
+        counted = (
+            "null to switch the step off (epochs are counted from 1, as the official code does)"
+        )
+        self.correct_epoch = integer(
+            "RegSL correct_epoch", correct_epoch, 1, null=True, also=counted
+        )
+        self.reweight_epoch = integer(
+            "RegSL reweight_epoch", reweight_epoch, 1, null=True, also=counted
+        )
+        self.temperature = number("RegSL temperature", temperature, above=0)
 
     def self_label(self, logits: Tensor, labels: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
         """``(labels [B], weights [B])`` to train on in the 1-based ``epoch``: corrected labels (from
@@ -165,12 +132,12 @@ class RegSL(Regularizer):
         labels, weights = self.self_label(logits, labels, epoch)
         return (weights * F.cross_entropy(logits, labels, reduction="none")).mean()
 
-    def forward(self, step: FineTuneStep, module: FineTune) -> Tensor:
+    def forward(self, step: FineTuneStep) -> Tensor:
         if step.pairs is not None:
             raise ValueError(
                 "RegSL's self-labelling replaces the plain cross-entropy; it does not combine with "
                 "mixup: set method.module.mixup_alpha=null"
             )
-        epoch = int(module.current_epoch) + 1  # the official trainer counts epochs from 1
+        epoch = step.epoch + 1  # the official trainer counts epochs from 1
         self_labelled = self.supervised_loss(step.logits, step.labels, epoch)
         return self_labelled - F.cross_entropy(step.logits, step.labels)

@@ -37,15 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_stl.checks import choice
 from lightning_stl.regularizers.mixup import MixupPairs
 
 FORMS = ("paper", "official")
-
-
-def _check_form(form: str, owner: str) -> str:
-    if form not in FORMS:
-        raise ValueError(f"{owner} form={form!r} is not allowed: choose one of {', '.join(FORMS)}")
-    return form
 
 
 class FeatureMixupLoss(nn.Module):
@@ -62,7 +57,7 @@ class FeatureMixupLoss(nn.Module):
 
     def __init__(self, form: str = "paper"):
         super().__init__()
-        self.form = _check_form(form, "feature mixup (L_FE)")
+        self.form = choice("feature mixup (L_FE) form", form, FORMS)
 
     @property
     def uses_feature_map(self) -> bool:
@@ -98,7 +93,7 @@ class LabelMixupLoss(nn.Module):
 
     def __init__(self, form: str = "paper"):
         super().__init__()
-        self.form = _check_form(form, "label mixup (L_FC)")
+        self.form = choice("label mixup (L_FC) form", form, FORMS)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, pairs: MixupPairs) -> Tensor:
         if student_logits.shape != teacher_logits.shape:
@@ -110,12 +105,3 @@ class LabelMixupLoss(nn.Module):
         if self.form == "official":
             return -(expected * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
         return (student_logits.softmax(dim=1) - expected).pow(2).sum(dim=1).mean()
-
-
-def check_loss_weight(name: str, value: float) -> float:
-    """A regulariser weight as a float; a clear error unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a number >= 0")
-    if not torch.isfinite(torch.tensor(float(value))):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be finite")
-    return float(value)
