@@ -1,4 +1,4 @@
-"""A CSV logger whose log survives a resume.
+"""A CSV logger whose log survives a resume, and the rule for when per-step values are logged.
 
 Lightning's ``CSVLogger`` deletes ``metrics.csv`` whenever a new writer starts in a folder that
 has one ("Previous log files in this directory will be deleted"), so a run killed and resumed
@@ -14,6 +14,7 @@ import csv
 import os
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -60,3 +61,13 @@ class ResumableCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _KeepingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers write the step about to run: every ``trainer.log_every_n_steps``
+    optimiser steps (Lightning's rule; its own check, ``_logger_connector.should_update_logs``, is
+    private). Lightning drops the other steps' values only after each ``LightningModule.log``
+    call has done its work, about a millisecond on a CPU: logging every step cost 3% of a Smooth
+    Transfer step (``benchmarks/training_step.py``: ratio 1.052 and 1.124 against 1.058 and 1.047
+    with this check), so per-step values are logged only on these steps."""
+    return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0

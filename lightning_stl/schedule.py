@@ -21,6 +21,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from lightning_stl.loggers import logs_this_step
+
 #: The domains a training step may draw a sub-batch from.
 TARGET, SOURCE = "target", "source"
 
@@ -191,7 +193,8 @@ class TargetWeightScheduler(L.Callback):
         weight = self.schedule(step, self.total_steps)
         pl_module.target_weight = weight
         self.history[step] = weight
-        pl_module.log("train/target_weight", weight, on_step=True, on_epoch=False)
+        if logs_this_step(trainer):
+            pl_module.log("train/target_weight", weight, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": dict(self.history), "total_steps": self.total_steps}

@@ -106,6 +106,25 @@ class TargetBatches(torch.utils.data.Dataset):
         return {"target": (self.x[i], self.y[i])}
 
 
+def bare_trainer(callbacks: list[Any], max_steps: int, **kwargs: Any) -> Any:
+    """A CPU ``Trainer`` that only trains: no logger, checkpoint, bar, summary or validation."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
 def cause_chain(error: BaseException | None) -> list[BaseException]:
     """``error`` and every exception it was raised from or during, outermost first."""
     chain = []

@@ -11,10 +11,9 @@ from torch import nn
 from lightning_stl.metrics import (
     InterpolationLoss,
     interpolation_inputs,
-    mix,
     sample_mixing_weights,
 )
-from lightning_stl.regularizers.mixup import MixupPairs
+from lightning_stl.regularizers.mixup import MixupPairs, mix
 
 
 def interpolation_loss_of(f, x, x_prime, generator) -> float:

@@ -10,13 +10,13 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_stl.callbacks import MeanTeacherUpdate
 from lightning_stl.methods import FineTune
 from lightning_stl.models import create_backbone
 from lightning_stl.models.mean_teacher import MeanTeacher
-from lightning_stl.schedule import TARGET
+from tests.conftest import TargetBatches, bare_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -308,21 +308,6 @@ def test_the_callback_needs_a_teacher():
         MeanTeacherUpdate().on_fit_start(None, FineTune(mixup_alpha=0.2))
 
 
-class TargetBatches(Dataset):
-    """Random 8x8 one-channel images as FineTune's ``{"target": (x, y)}`` batches."""
-
-    def __init__(self, n: int = 64):
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, 8, 8, generator=generator)
-        self.y = torch.randint(0, 4, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {TARGET: (self.x[i], self.y[i])}
-
-
 def fit(
     module: FineTune,
     callback: MeanTeacherUpdate,
@@ -330,19 +315,7 @@ def fit(
     callbacks_extra: list[L.Callback] = (),
     **trainer_kwargs,
 ):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[callback, *callbacks_extra],
-        **trainer_kwargs,
-    )
+    trainer = bare_trainer([callback, *callbacks_extra], max_steps, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=DataLoader(TargetBatches(), batch_size=8))
     return trainer
 

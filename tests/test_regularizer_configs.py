@@ -90,3 +90,21 @@ def test_delta_with_mixup_trains_end_to_end(make_cfg, tmp_path):
         assert delta > 0 and mixup > 0
         assert float(row["train/loss"]) == pytest.approx(mixup + delta, rel=1e-5)
     assert len(list((tmp_path / "delta").glob("*.pt"))) == 1  # channel weights cached
+
+
+def test_a_regularizer_is_added_by_config_alone(tmp_path):
+    """An inline ``_target_`` config in ``method.regularizers``: no Python, no config file."""
+    cfg = compose_config(
+        [
+            "+experiment=digits_smile",
+            "method=finetune_l2",
+            "method.regularizers=[{_target_:lightning_stl.regularizers.bss.BatchSpectralShrinkage,"
+            "eta:0.5,k:2},l2sp]",
+        ],
+        tmp_path,
+        tmp_path,
+    )
+    _, configs = resolve_regularizers(cfg.method.regularizers, cfg)
+    regularizers = [hydra.utils.instantiate(conf) for conf in configs]
+    assert [type(r).__name__ for r in regularizers] == ["BatchSpectralShrinkage", "L2SP"]
+    assert (regularizers[0].eta, regularizers[0].k) == (0.5, 2)

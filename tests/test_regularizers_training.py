@@ -40,7 +40,7 @@ from lightning_stl.regularizers.regsl import (
 )
 from lightning_stl.run import compose_config
 from lightning_stl.schedule import TARGET
-from tests.conftest import TargetBatches
+from tests.conftest import TargetBatches, bare_trainer
 
 K_T, K_S, FEATURES = 4, 6, 128
 
@@ -58,19 +58,7 @@ def finetune(**kwargs) -> FineTune:
 
 
 def trainer(callbacks: list[Callback], max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    return bare_trainer(callbacks, max_steps, **kwargs)
 
 
 def loader() -> DataLoader:

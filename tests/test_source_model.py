@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import lightning as L
 import pytest
 import timm
 import torch
@@ -19,6 +18,7 @@ from lightning_stl.models.source_model import SourceModel, read_source_model
 from lightning_stl.pretraining import resolve_source_model
 from lightning_stl.run import train
 from lightning_stl.schedule import SOURCE, TARGET, ConstantTargetWeight, TargetWeightScheduler
+from tests.conftest import bare_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -120,18 +120,7 @@ class SourceBatches(Dataset):
 
 
 def fit_and_save(module, callbacks, domain, num_classes, path: Path) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = bare_trainer(callbacks, max_steps=3)
     loader = DataLoader(SourceBatches(domain, num_classes), batch_size=8)
     trainer.fit(module, train_dataloaders=loader)
     trainer.save_checkpoint(path)

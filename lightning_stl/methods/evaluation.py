@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_stl.loggers import logs_this_step
+
 
 class TargetEvaluation(L.LightningModule):
     """Logs ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` of ``self(x)`` (target logits
@@ -18,8 +20,10 @@ class TargetEvaluation(L.LightningModule):
         self.test_accuracy = MulticlassAccuracy(num_target_classes, average="micro")
 
     def log_training_loss(self, loss: Tensor, parts: dict[str, Tensor]) -> None:
-        """``train/loss`` (on the progress bar) and each part as ``train/loss_<name>``, per step;
-        Lightning's loggers write them every ``trainer.log_every_n_steps`` steps."""
+        """``train/loss`` (on the progress bar) and each part as ``train/loss_<name>``, on the
+        steps the loggers write (:func:`~lightning_stl.loggers.logs_this_step`)."""
+        if not logs_this_step(self.trainer):
+            return
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         values = {f"train/loss_{name}": value for name, value in parts.items()}
         self.log_dict(values, on_step=True, on_epoch=False)

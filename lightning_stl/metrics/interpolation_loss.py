@@ -18,12 +18,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-
-def mix(u: Tensor, v: Tensor, weight: Tensor) -> Tensor:
-    """Mix_w(u, v) = w·u + (1 − w)·v for a batch ``[B, ...]`` with one weight per sample ``[B]``
-    (as :meth:`~lightning_stl.regularizers.mixup.MixupPairs.mix` mixes u with u[π])."""
-    shape = (-1,) + (1,) * (u.ndim - 1)
-    return torch.lerp(v, u, weight.to(u.dtype).view(shape))
+from lightning_stl.regularizers.mixup import mix
 
 
 def sample_mixing_weights(

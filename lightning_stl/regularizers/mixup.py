@@ -27,6 +27,15 @@ def check_mixup_alpha(alpha: float) -> float:
     return number("mixup alpha", alpha, above=0, what="the Beta(α, α) parameter")
 
 
+def mix(first: Tensor, second: Tensor, weight: float | Tensor) -> Tensor:
+    """``weight·first + (1 − weight)·second``: the one mixing convention of the project (images,
+    one-hot labels, features, outputs), for batches ``[B, ...]``. ``weight`` is one float or one
+    weight per sample ``[B]``."""
+    if isinstance(weight, Tensor):
+        weight = weight.to(first.dtype).view((-1,) + (1,) * (first.ndim - 1))
+    return torch.lerp(second, first, weight)
+
+
 @dataclass(frozen=True)
 class MixupPairs:
     """One draw of Algorithm 1's lines 6-7: the weight λ and the shuffle π of a batch of B.
@@ -60,7 +69,7 @@ class MixupPairs:
 
     def mix(self, values: Tensor) -> Tensor:
         """λ·u + (1 − λ)·u[π] for a batch ``[B, ...]`` (inputs, one-hot labels, features...)."""
-        return torch.lerp(values[self.permutation], values, self.target_weight)
+        return mix(values, values[self.permutation], self.target_weight)
 
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
         """L_MXP: λ·CE(logits, y) + (1 − λ)·CE(logits, y[π]), each a mean over the batch.
