@@ -21,13 +21,9 @@ class AfterOptimizerStep(Callback):
         self._last_step = trainer.global_step
 
     def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *hook_args: Any
     ) -> None:
+        """After each batch; ``hook_args`` (outputs, batch, batch_idx) are not needed."""
         step = trainer.global_step
         if step == self._last_step:
             return

@@ -18,6 +18,7 @@ Shapes for a ``[B, C, H, W]`` input: ``forward_features`` gives ``[B, 64, ceil(H
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -32,17 +33,15 @@ __all__ = ["BasicBlock", "CifarResNet", "ZeroPadShortcut", "resnet_cifar"]
 Shortcut = Literal["A", "B"]
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return cifar_cfg(
-        paper_ids="arXiv:1512.03385",
-        paper_name="Deep Residual Learning for Image Recognition",
-        description="CIFAR ResNet (He et al. 2016, Sec. 4.2), random initialisation",
-        **kwargs,
-    )
-
+#: the paper of these models, as fields of timm's pretrained config
+PAPER = dict(
+    paper_ids="arXiv:1512.03385",
+    paper_name="Deep Residual Learning for Image Recognition",
+    description="CIFAR ResNet (He et al. 2016, Sec. 4.2), random initialisation",
+)
 
 # read by timm.models.register_model: the pretrained config of each registered name (no weights)
-default_cfgs = {"resnet20": _cfg(), "resnet32": _cfg(), "resnet56": _cfg()}
+default_cfgs = {name: cifar_cfg(**PAPER) for name in ("resnet20", "resnet32", "resnet56")}
 
 
 class ZeroPadShortcut(nn.Module):
@@ -190,7 +189,7 @@ def resnet_cifar(depth: int, pretrained: bool = False, **kwargs: Any) -> CifarRe
         f"resnet{depth}",
         pretrained,
         default_cfgs,
-        _cfg,
+        functools.partial(cifar_cfg, **PAPER),
         (0, 1, 2, 3),
         depth=depth,
         **kwargs,

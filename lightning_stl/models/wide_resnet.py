@@ -23,6 +23,7 @@ and 36.5M).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -34,17 +35,15 @@ from lightning_stl.models.registry import register_backbone
 __all__ = ["WideBasicBlock", "WideResNet", "wide_resnet"]
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return cifar_cfg(
-        paper_ids="arXiv:1605.07146",
-        paper_name="Wide Residual Networks",
-        description="Wide ResNet (Zagoruyko & Komodakis 2016), random initialisation",
-        **kwargs,
-    )
-
+#: the paper of these models, as fields of timm's pretrained config
+PAPER = dict(
+    paper_ids="arXiv:1605.07146",
+    paper_name="Wide Residual Networks",
+    description="Wide ResNet (Zagoruyko & Komodakis 2016), random initialisation",
+)
 
 # read by timm.models.register_model: the pretrained config of each registered name (no weights)
-default_cfgs = {"wrn10_2": _cfg(), "wrn16_4": _cfg(), "wrn28_10": _cfg()}
+default_cfgs = {name: cifar_cfg(**PAPER) for name in ("wrn10_2", "wrn16_4", "wrn28_10")}
 
 
 class WideBasicBlock(nn.Module):
@@ -171,7 +170,7 @@ def wide_resnet(
         f"wrn{depth}_{widen_factor}",
         pretrained,
         default_cfgs,
-        _cfg,
+        functools.partial(cifar_cfg, **PAPER),
         (0, 1, 2, 3),
         depth=depth,
         widen_factor=widen_factor,
