@@ -22,6 +22,8 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
+from lightning_stl.checks import choice, flag, number
+
 
 def warmup_cosine_lr(
     step: int, total_steps: int, peak_lr: float, final_lr: float, warmup_fraction: float
@@ -88,19 +90,18 @@ class SGDConfig:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("lr", "final_lr", "momentum", "weight_decay", "warmup_fraction", "gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"optimizer.{name}={value!r} is not allowed: it must be a number")
-        if not isinstance(self.nesterov, bool):
+        number("optimizer.lr", self.lr, above=0)
+        number("optimizer.final_lr", self.final_lr)
+        if not 0 <= self.final_lr <= self.lr:
             raise ValueError(
-                f"optimizer.nesterov={self.nesterov!r} is not allowed: it must be true or false"
+                f"optimizer.final_lr={self.final_lr} is not allowed: it must lie in [0, lr={self.lr}]"
             )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"optimizer.schedule={self.schedule!r} is not allowed: choose one of "
-                f"{', '.join(SCHEDULES)}"
-            )
+        number("optimizer.momentum", self.momentum, at_least=0, below=1)
+        number("optimizer.weight_decay", self.weight_decay, at_least=0)
+        number("optimizer.warmup_fraction", self.warmup_fraction, at_least=0, below=1)
+        number("optimizer.gamma", self.gamma, above=0, at_most=1)
+        flag("optimizer.nesterov", self.nesterov)
+        choice("optimizer.schedule", self.schedule, SCHEDULES)
         if not isinstance(self.milestones, list | tuple):
             raise ValueError(
                 f"optimizer.milestones={self.milestones!r} is not allowed: it must be a list of "
@@ -111,26 +112,6 @@ class SGDConfig:
             raise ValueError(
                 f"optimizer.milestones={list(self.milestones)} is not allowed: each must be a "
                 "fraction of the steps in (0, 1)"
-            )
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"optimizer.gamma={self.gamma} is not allowed: it must lie in (0, 1]")
-        if not self.lr > 0:
-            raise ValueError(f"optimizer.lr={self.lr} is not allowed: it must be > 0")
-        if not 0 <= self.final_lr <= self.lr:
-            raise ValueError(
-                f"optimizer.final_lr={self.final_lr} is not allowed: it must lie in [0, lr={self.lr}]"
-            )
-        if not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"optimizer.momentum={self.momentum} is not allowed: it must lie in [0, 1)"
-            )
-        if self.weight_decay < 0:
-            raise ValueError(
-                f"optimizer.weight_decay={self.weight_decay} is not allowed: it must be >= 0"
-            )
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(
-                f"optimizer.warmup_fraction={self.warmup_fraction} is not allowed: it must lie in [0, 1)"
             )
 
     def build(self, parameters: list[nn.Parameter] | nn.Module, total_steps: int) -> dict:

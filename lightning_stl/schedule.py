@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from lightning_stl.checks import flag, number
 from lightning_stl.loggers import logs_this_step
 
 #: The domains a training step may draw a sub-batch from.
@@ -36,19 +37,6 @@ def _sigmoid(z: float) -> float:
     if z < -700.0:
         return math.exp(z)
     return 1.0 / (1.0 + math.exp(-z))
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"target weight {name}={value!r} is not allowed: it must be true or false")
-    return value
-
-
-def _check_finite(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value} is not allowed: it must be a finite number")
-    return value
 
 
 def _check_tau(tau: float) -> float:
@@ -106,10 +94,10 @@ class SigmoidTargetWeight(TargetWeightSchedule):
     def __init__(
         self, t0: float = 0.0, tau: float = 0.1, alpha: float = 0.0, relative: bool = True
     ):
-        self.t0 = _check_finite("t0", t0)
+        self.t0 = number("t0", t0)
         self.tau = _check_tau(tau)
-        self.alpha = _check_finite("alpha", alpha)
-        self.relative = _check_bool("relative", relative)
+        self.alpha = number("alpha", alpha)
+        self.relative = flag("target weight relative", relative)
 
     def absolute(self, total_steps: int) -> tuple[float, float, float]:
         """ω = (t0, τ, α) in optimiser steps for a run of ``total_steps``."""
