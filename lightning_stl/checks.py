@@ -9,6 +9,7 @@ Every check raises one ``ValueError`` that names the setting, its value and what
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,7 +53,11 @@ def number(
 ) -> float:
     """``value`` as a float: a finite number, ``> above``, ``>= at_least``, ``< below`` and
     ``<= at_most`` (those given); else ``"<name>=<value> is not allowed: <what> must be ..."``."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)  # int, float and numpy's scalars
+        and math.isfinite(value)
+    )
     if ok:
         ok = (
             (above is None or value > above)
@@ -75,19 +80,19 @@ def integer(
     also: str = "",
 ) -> int | None:
     """``value`` as an int in [low, high] (or ``None`` when ``null``); ``also`` names what else is
-    allowed (``"null for all of them"``)."""
+    allowed (``"null for all of them"``). numpy's integers count, ``True`` does not."""
     if value is None and null:
         return None
     if (
         isinstance(value, bool)
-        or not isinstance(value, int)
+        or not isinstance(value, numbers.Integral)
         or (low is not None and value < low)
         or (high is not None and value > high)
     ):
         allowed = "an integer" + _bounds(None, low, None, high)
         if also:
             allowed += f", or {also}"
-        raise ValueError(f"{name}={_shown(value)} is not allowed: it must be {allowed}")
+        raise ValueError(f"{name}={_shown(value)!r} is not allowed: it must be {allowed}")
     return int(value)
 
 

@@ -103,13 +103,23 @@ def load_module(run: RunFolder, device: torch.device | str = "cpu") -> L.Lightni
     """The run's module from its checkpoint (``load_from_checkpoint``), in eval mode on ``device``.
 
     A backbone's ``pretrained_file`` is dropped from the rebuilt hyper-parameters: the
-    checkpoint's weights replace it, so the file need not exist any more.
+    checkpoint's weights replace it, so the file need not exist any more. A fine-tuning
+    checkpoint of an older version (its regularisers' configs in ``hparams``) is rebuilt without
+    them, with the source head its weights have.
     """
     header = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    options = dict((header.get("hyper_parameters") or {}).get("backbone_options") or {})
+    hparams = header.get("hyper_parameters") or {}
+    options = dict(hparams.get("backbone_options") or {})
     options.pop("pretrained_file", None)
+    extra: dict[str, Any] = {}
+    if "regularizers" in hparams:
+        # written when regularisers were configs in hparams: a trained model needs none of them
+        extra["regularizers"] = ()
+        if "with_source_head" not in hparams:
+            keys = header.get("state_dict") or {}
+            extra["with_source_head"] = any(k.startswith("source_head.") for k in keys)
     module = module_class(run.identity).load_from_checkpoint(
-        run.checkpoint, map_location=device, backbone_options=options
+        run.checkpoint, map_location=device, backbone_options=options, **extra
     )
     return module.eval()
 

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -137,13 +139,34 @@ class SGDConfig:
         milestones, joined by ``SequentialLR``. (Their recursive updates agree with the closed
         forms to ~1e-14 relative, not bit for bit.)"""
         warmup = warmup_steps(total_steps, self.warmup_fraction)
+        span = total_steps - warmup - 1  # cosine steps after the first post-warm-up one
+        main: LRScheduler
         if self.schedule == "step":
-            milestones = sorted({max(0, round(m * total_steps) - warmup) for m in self.milestones})
-            main: LRScheduler = MultiStepLR(optimizer, milestones, gamma=self.gamma)
+            # a list, not a set: two milestones on one step (or inside the warm-up) both count
+            milestones = sorted(max(0, round(m * total_steps) - warmup) for m in self.milestones)
+            main = MultiStepLR(optimizer, milestones, gamma=self.gamma)
+        elif span <= 0:  # no room for a cosine: the one step after the warm-up is the last
+            main = MultiStepLR(optimizer, [0], gamma=self.final_lr / self.lr)
         else:
-            span = max(1, total_steps - warmup - 1)
             main = CosineAnnealingLR(optimizer, T_max=span, eta_min=self.final_lr)
         if warmup == 0:
             return main
         ramp = LinearLR(optimizer, 1 / warmup, 1.0, total_iters=max(1, warmup - 1))
         return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def scheduler_state_from_lambda_lr(config: SGDConfig, state: dict[str, Any]) -> dict[str, Any]:
+    """The state of ``config.scheduler`` at the step recorded by the ``LambdaLR`` state of a
+    checkpoint written before the schedules were torch's (its factor object saved
+    ``total_steps``), so that such a run resumes on the same learning rates."""
+    total = int(state["lr_lambdas"][0]["total_steps"])
+    groups = [
+        {"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in state["base_lrs"]
+    ]
+    optimizer = torch.optim.SGD(groups, lr=config.lr)
+    scheduler = config.scheduler(optimizer, total)
+    with warnings.catch_warnings():  # stepped without optimiser steps, on purpose
+        warnings.simplefilter("ignore")
+        for _ in range(int(state["last_epoch"])):
+            scheduler.step()
+    return scheduler.state_dict()

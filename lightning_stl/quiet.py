@@ -4,8 +4,7 @@ A run builds one ``Trainer`` per stage plus one to test, and each prints Lightni
 ("💡 Tip: ... litlogger / litmodels") and the GPU/TPU banner; torch warns that Lightning uses the
 deprecated ``LeafSpec``; and two warnings describe choices this project makes on purpose: the
 log interval longer than a tiny epoch (small N, steps are logged by ``log_every_n_steps``), and
-SMILE's mean teacher, frozen in eval mode; and the test of the best checkpoint by a trainer
-without the training's callbacks. Neither library offers a switch for these (they are
+SMILE's mean teacher, frozen in eval mode. Neither library offers a switch for these (they are
 ``rank_zero_info`` lines and ``warnings.warn`` calls), so a logging filter and warning filters
 drop them; the banner is kept once per process. Everything else Lightning says is kept.
 """
@@ -20,8 +19,6 @@ IGNORED_WARNINGS = (
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r"The number of training batches \(\d+\) is smaller than the logging interval.*",
     r"Found \d+ module\(s\) in eval mode at the start of training.*",
-    # the best checkpoint is tested (trainer.test(ckpt_path=...)) without the training callbacks
-    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint.*",
 )
 _RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 

@@ -45,37 +45,17 @@ from lightning_stl.settings_check import (
     check_run_settings,
     check_strategy_fits_mode,
 )
-from lightning_stl.stages import STAGE_FILE, Stage, check_reaches_target, run_stage
+from lightning_stl.stages import (
+    STAGE_FILE,
+    Stage,
+    check_reaches_target,
+    measure_test_accuracy,
+    run_stage,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["compose_config", "main", "train", "train_on"]
-
-
-def _test(
-    cfg: DictConfig,
-    module: L.LightningModule,
-    datamodule: SourceTargetDataModule,
-    best: str,
-    trainer_overrides: dict[str, Any],
-) -> float:
-    """The target test accuracy of checkpoint ``best`` (``trainer.test(ckpt_path=best)``), with
-    the training's progress bar (Lightning would pick its Rich bar for a trainer without one)."""
-    bars = [
-        hydra.utils.instantiate(conf)
-        for conf in (cfg.get("callbacks") or {}).values()
-        if conf is not None and "ProgressBar" in str(conf.get("_target_", ""))
-    ]
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        logger=False,
-        callbacks=bars if cfg.trainer.get("enable_progress_bar", True) else [],
-        **trainer_overrides,
-    )
-    results = trainer.test(
-        module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False
-    )
-    return float(results[0]["test/acc"])
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -146,7 +126,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     best_path = None
     if len(summaries) == len(stages):  # without validation, the final model is tested
         best_path = final["best_model_path"] if has_validation else final["last_model_path"]
-    test_acc = _test(cfg, module, datamodule, best_path, trainer_overrides) if best_path else None
+    test_acc = None
+    if best_path:
+        test_acc = measure_test_accuracy(cfg, module, datamodule, best_path, trainer_overrides)
 
     return report_run(
         cfg,

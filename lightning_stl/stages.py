@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,3 +324,32 @@ def read_stage_file(done: Path, run_dir: Path, stage: str) -> dict[str, Any]:
             if local.exists() and Path(value) != local:
                 summary[key] = str(local)
     return summary
+
+
+def measure_test_accuracy(
+    cfg: DictConfig,
+    module: L.LightningModule,
+    datamodule: SourceTargetDataModule,
+    best: str,
+    trainer_overrides: dict[str, Any],
+) -> float:
+    """The target test accuracy of checkpoint ``best`` (``trainer.test(ckpt_path=best)``), with
+    the training's progress bar (Lightning would pick its Rich bar for a trainer without one)."""
+    bars = [
+        hydra.utils.instantiate(conf)
+        for conf in (cfg.get("callbacks") or {}).values()
+        if conf is not None and "ProgressBar" in str(conf.get("_target_", ""))
+    ]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=bars if cfg.trainer.get("enable_progress_bar", True) else [],
+        **trainer_overrides,
+    )
+    read_checkpoint(best, "test the best checkpoint")  # one message for a damaged file
+    with warnings.catch_warnings():  # the training's callbacks are not needed to test
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.*")
+        results = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False
+        )
+    return float(results[0]["test/acc"])

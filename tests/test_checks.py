@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -41,9 +42,11 @@ def test_a_number_out_of_its_bounds_says_which_bounds(bounds, value, allowed):
 
 def test_integers():
     assert integer("n", 3, low=1) == 3 and integer("n", None, null=True) is None
+    assert integer("n", np.int64(4), low=1) == 4 and type(integer("n", np.int64(4))) is int
+    assert number("x", np.float32(0.5), above=0) == 0.5
     for bad in (0, 2.5, True, "3", None):
         with pytest.raises(
-            ValueError, match=rf"n={bad} is not allowed: it must be an integer >= 1"
+            ValueError, match=rf"n={bad!r} is not allowed: it must be an integer >= 1"
         ):
             integer("n", bad, low=1)
     with pytest.raises(ValueError, match=r"it must be an integer in \[1, 3\], or null"):

@@ -156,7 +156,7 @@ def test_image_set_validates_its_tensors():
 
 @pytest.mark.parametrize("size", [0, -3, 2.5, "50"])
 def test_target_size_must_be_a_positive_integer(size):
-    with pytest.raises(ValueError, match=rf"target_size={size} is not allowed"):
+    with pytest.raises(ValueError, match=rf"target_size={size!r} is not allowed"):
         SourceTargetDataModule(target_size=size)
 
 
@@ -179,3 +179,33 @@ def test_target_loader_gives_the_sets_in_order_without_augmentation(data_dir):
         assert torch.equal(x, dm.preprocess("target", batches[0][0], train=False))
     with pytest.raises(ValueError, match=r"split='val' is not allowed: choose one of train, test"):
         dm.target_loader("val")
+
+
+def test_a_checkpoint_restored_for_a_test_does_not_move_the_next_fit(tmp_path):
+    """``trainer.test(ckpt_path=...)`` restores the DataModule's state too; only a fit's restore
+    may continue the streams."""
+    from types import SimpleNamespace
+
+    def first_batch(datamodule):
+        return next(iter(datamodule.train_dataloader()))[0]["target"][1]
+
+    def fresh():
+        datamodule = SourceTargetDataModule(
+            target="digits", source=None, root=tmp_path, target_size=40, target_batch_size=8
+        )
+        datamodule.setup("fit")
+        datamodule.configure_training(["target"], "target", seed=3)
+        return datamodule
+
+    moved = fresh()
+    stream = iter(moved.train_dataloader())
+    for _ in range(3):
+        next(stream)
+    state = moved.state_dict()
+    start = first_batch(fresh())
+    for fn, continues in (("test", False), ("fit", True)):
+        datamodule = fresh()
+        datamodule.trainer = SimpleNamespace(state=SimpleNamespace(fn=fn))
+        datamodule.load_state_dict(state)
+        datamodule.trainer = None
+        assert torch.equal(first_batch(datamodule), start) is not continues, fn

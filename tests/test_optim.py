@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_stl.optim import SGDConfig, warmup_cosine_lr
+from lightning_stl.optim import SGDConfig, warmup_cosine_lr, warmup_step_lr
 
 
 def reference_lr(step: int, total: int, peak: float, final: float, warmup: int) -> float:
@@ -144,3 +144,69 @@ def test_bad_step_schedule_settings_are_rejected(kwargs, pattern):
 def test_a_scalar_milestone_is_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match=r"optimizer.milestones=0.5"):
         SGDConfig(schedule="step", milestones=0.5)
+
+
+@pytest.mark.parametrize(
+    ("total", "options"),
+    [
+        (1, {"warmup_fraction": 0.0}),  # one step: the final rate
+        (2, {}),  # one warm-up step, one at the final rate
+        (3, {"warmup_fraction": 0.0}),
+        (3, {"schedule": "step", "warmup_fraction": 0.0, "milestones": [0.6, 0.7]}),  # one step
+        (20, {"schedule": "step", "warmup_fraction": 0.5, "milestones": [0.1, 0.3]}),  # in warm-up
+        (41, {"schedule": "step", "warmup_fraction": 0.1, "milestones": [0.5, 0.75]}),
+    ],
+)
+def test_torch_schedulers_give_the_closed_forms_at_the_edges(total: int, options: dict):
+    config = SGDConfig(lr=0.01, final_lr=1e-4, **options)
+    if config.schedule == "step":
+        expected = [
+            warmup_step_lr(s, total, 0.01, config.warmup_fraction, config.milestones, config.gamma)
+            for s in range(total)
+        ]
+    else:
+        expected = [
+            warmup_cosine_lr(s, total, 0.01, 1e-4, config.warmup_fraction) for s in range(total)
+        ]
+    assert stepped_rates(config, total) == pytest.approx(expected, rel=1e-12)
+
+
+class OldWarmupCosineFactor:
+    """What a checkpoint of the LambdaLR version keeps of its factor: these attributes."""
+
+    def __init__(self, total_steps: int, peak_lr: float, final_lr: float, warmup_fraction: float):
+        self.total_steps, self.peak_lr = total_steps, peak_lr
+        self.final_lr, self.warmup_fraction = final_lr, warmup_fraction
+
+    def __call__(self, step: int) -> float:
+        lr = warmup_cosine_lr(step, self.total_steps, self.peak_lr, self.final_lr, 0.025)
+        return lr / self.peak_lr
+
+
+def test_a_checkpoint_with_the_old_lambda_lr_state_resumes_on_the_same_rates():
+    from lightning_stl.methods import SmoothTransfer
+
+    total, stopped = 200, 77
+    config = SGDConfig(lr=0.01, final_lr=1e-4)
+    old_optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+    old = torch.optim.lr_scheduler.LambdaLR(
+        old_optimizer, OldWarmupCosineFactor(total, 0.01, 1e-4, 0.025)
+    )
+    for _ in range(stopped):
+        old_optimizer.step()
+        old.step()
+    checkpoint = {"lr_schedulers": [old.state_dict()]}
+    SmoothTransfer(optimizer={"lr": 0.01, "final_lr": 1e-4}).on_load_checkpoint(checkpoint)
+    (state,) = checkpoint["lr_schedulers"]
+    assert "lr_lambdas" not in state
+    built = config.build(torch.nn.Linear(2, 1), total_steps=total)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    optimizer.load_state_dict(old_optimizer.state_dict())  # as Lightning restores both
+    scheduler.load_state_dict(state)
+    rates = []
+    for _ in range(stopped, total):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    expected = [warmup_cosine_lr(s, total, 0.01, 1e-4, 0.025) for s in range(stopped + 1, total)]
+    assert rates[:-1] == pytest.approx(expected, rel=1e-12)

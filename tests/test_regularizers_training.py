@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import lightning as L
@@ -224,6 +225,34 @@ def test_cotuning_fine_tunes_the_source_head_loaded_from_the_pretrained_classifi
     # the decision is an hparam: the model rebuilt from its checkpoint has the head too
     assert module.hparams["with_source_head"] is True
     FineTune(**module.hparams).load_state_dict(module.state_dict())
+
+
+def test_a_cotuning_checkpoint_of_the_old_form_is_read_back(tmp_path):
+    """Before regularisers were objects, hparams held their configs and no with_source_head."""
+    import lightning
+
+    from lightning_stl.finished_run import load_module
+
+    module, *_ = cotuning_setup()
+    hparams = {k: v for k, v in module.hparams.items() if k != "with_source_head"}
+    hparams["regularizers"] = [{"_target_": "lightning_stl.regularizers.cotuning.CoTuning"}]
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
+    run = SimpleNamespace(
+        checkpoint=path,
+        identity={"method": {"module": {"_target_": "lightning_stl.methods.finetune.FineTune"}}},
+    )
+    loaded = load_module(run)
+    assert loaded.source_head is not None and len(loaded.regularizers) == 0
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
 
 
 def test_direct_relationship_is_the_per_class_mean_of_source_probabilities():

@@ -140,6 +140,10 @@ def test_the_pretrained_snapshot_stays_out_of_checkpoints_and_rebuilding_needs_n
     plain.load_state_dict(state)
     with pytest.raises(RuntimeError, match="Missing key"):  # other keys are still checked
         module.load_state_dict({k: v for k, v in state.items() if k != "head.bias"})
+    outer = nn.ModuleDict({"inner": FineTune(regularizers=[L2SP()])})  # prefixed keys
+    outer_state = outer.state_dict()
+    assert not any(".pretrained." in key for key in outer_state)
+    outer.load_state_dict(outer_state)
 
 
 def test_l2sp_checks_its_arguments_and_needs_setup():

@@ -338,7 +338,9 @@ class SourceTargetDataModule(L.LightningDataModule):
         return {"streams": {d: loader.state_dict() for d, loader in self._train_loaders.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue the streams of ``state_dict`` in the next :meth:`train_dataloader`."""
+        """Continue these streams in a fit's next :meth:`train_dataloader` (not after a test)."""
+        if self.trainer is not None and self.trainer.state.fn not in (None, "fit"):
+            return
         self._resume_positions = dict(state_dict["streams"]) if state_dict.get("streams") else None
 
     def eval_loader(self, data: AnySet | None) -> DataLoader:

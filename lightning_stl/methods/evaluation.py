@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_stl.loggers import logs_this_step
+from lightning_stl.optim import SGDConfig, scheduler_state_from_lambda_lr
 
 
 class TargetEvaluation(L.LightningModule):
@@ -27,6 +30,17 @@ class TargetEvaluation(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         values = {f"train/loss_{name}": value for name, value in parts.items()}
         self.log_dict(values, on_step=True, on_epoch=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of an older version keeps a ``LambdaLR`` state: it becomes the state of
+        today's torch schedulers at the same step (:func:`scheduler_state_from_lambda_lr`)."""
+        config = getattr(self, "optimizer_config", None)
+        states = checkpoint.get("lr_schedulers") or []
+        if isinstance(config, SGDConfig) and any("lr_lambdas" in s for s in states):
+            checkpoint["lr_schedulers"] = [
+                scheduler_state_from_lambda_lr(config, s) if "lr_lambdas" in s else s
+                for s in states
+            ]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -143,7 +143,7 @@ class FineTune(TargetEvaluation):
         # loaded by load_source_model, never trained, always in eval mode (see train()).
         self.pretrained = pretrained_snapshot(self.backbone) if self.regularizers else None
         self.register_state_dict_post_hook(_without_pretrained)
-        self.register_load_state_dict_post_hook(_pretrained_not_missing)
+        self.register_load_state_dict_pre_hook(_keep_pretrained)
         self.feature_mixup = FeatureMixupLoss(feature_mixup_form)
         self.label_mixup = LabelMixupLoss(label_mixup_form)
         self.teacher = MeanTeacher(self.backbone, self.source_head) if regularised else None
@@ -285,7 +285,11 @@ def _without_pretrained(
         del state_dict[key]
 
 
-def _pretrained_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook: the snapshot's keys are never in a checkpoint."""
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith("pretrained.")]
+def _keep_pretrained(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *hook_args: Any
+) -> None:
+    """``load_state_dict`` pre-hook: a checkpoint has no snapshot, the module keeps its own."""
+    pretrained = getattr(module, "pretrained", None)
+    if pretrained is not None:
+        for key, value in pretrained.state_dict().items():
+            state_dict.setdefault(f"{prefix}pretrained.{key}", value)

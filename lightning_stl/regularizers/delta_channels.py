@@ -215,11 +215,25 @@ def estimate_loss_increases(
     model's pooled features of every training image, the increases are measured on
     ``num_images`` of them drawn with :data:`SUBSET_SEED` (see :func:`fit_probe`,
     :func:`channel_loss_increases`)."""
-    frozen = pretrained.eval()
-    device = device or _param_device(frozen)
-    frozen.to(device)
     if num_target_images == 0:
         raise ValueError("DELTA needs target training images, the training set is empty")
+    home = _param_device(pretrained)
+    frozen = pretrained.eval().to(device or home)
+    try:  # the snapshot is shared: it goes back where it was
+        return _estimate(frozen, layers, target_images, num_target_images, num_classes, num_images)
+    finally:
+        pretrained.to(home)
+
+
+def _estimate(
+    frozen: nn.Module,
+    layers: Sequence[str],
+    target_images: TargetImages,
+    num_target_images: int,
+    num_classes: int,
+    num_images: int | None,
+) -> list[Tensor]:
+    device = _param_device(frozen)
     count = num_target_images if num_images is None else min(num_images, num_target_images)
     generator = torch.Generator().manual_seed(SUBSET_SEED)
     chosen = torch.zeros(num_target_images, dtype=torch.bool)
