@@ -20,6 +20,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
+# A subclass of Lightning's writer and logger: it uses their file system (_fs) and writer slot
+# (_experiment), which Lightning's own subclasses use; no public hook keeps the old log.
 class _KeepingWriter(ExperimentWriter):
     """``ExperimentWriter`` that appends to an existing ``metrics.csv`` (see the module)."""
 
@@ -67,7 +69,7 @@ def logs_this_step(trainer: L.Trainer) -> bool:
     """Whether the loggers write the step about to run: every ``trainer.log_every_n_steps``
     optimiser steps (Lightning's rule; its own check, ``_logger_connector.should_update_logs``, is
     private). Lightning drops the other steps' values only after each ``LightningModule.log``
-    call has done its work, about a millisecond on a CPU: logging every step cost 3% of a Smooth
-    Transfer step (``benchmarks/training_step.py``: ratio 1.052 and 1.124 against 1.058 and 1.047
-    with this check), so per-step values are logged only on these steps."""
+    call has done its work, about a millisecond on a CPU (``benchmarks/training_step.py``, two
+    runs each: ratio 1.052 and 1.124 logging every step, 1.058 and 1.047 with this check; noisy,
+    about 3% on average), so per-step values are logged only on these steps."""
     return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0

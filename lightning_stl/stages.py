@@ -76,7 +76,8 @@ class Stage:
                 raise
             name = "target_weight"
             if OmegaConf.is_interpolation(conf, "target_weight"):
-                name = str(conf._get_node("target_weight")._value()).strip("${}")
+                raw = OmegaConf.to_container(conf, resolve=False)["target_weight"]
+                name = str(raw).strip("${}")
             target = hydra.utils.get_class(conf.target_weight._target_)
             raise ValueError(
                 f"{name}.{key} is not a setting of {target.__name__} (stage {conf.name!r}); "

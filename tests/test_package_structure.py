@@ -30,9 +30,15 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
         if source is None:
             continue
         graph.setdefault(source, set())
+        package_parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package, `level - 1` up
+                    parent = package_parts[: len(package_parts) - node.level + 1]
+                    base = ".".join([*parent, *([base] if base else [])])
+                # `from lightning_stl import data` imports lightning_stl.data
+                names = [f"{base}.{alias.name}" for alias in node.names] + [base]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             else:
@@ -73,6 +79,9 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path):
     (package / "a" / "__init__.py").write_text("import lightning_stl.b\n")
     (package / "b.py").write_text("def f():\n    from lightning_stl.a import x\n")
     assert cycles(import_graph(package)) == [["a", "b", "a"], ["b", "a", "b"]]
+    (package / "b.py").write_text("from lightning_stl import c\n")
+    (package / "c.py").write_text("from .a import x\n")  # relative, lazy or not: read
+    assert ["a", "b", "c", "a"] in cycles(import_graph(package))
 
 
 def test_the_regularizers_never_import_the_methods_or_the_data():

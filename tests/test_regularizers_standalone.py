@@ -66,7 +66,9 @@ def bare_setup(source_head: bool = False) -> FineTuneSetup:
     def target_images(device: torch.device):
         return ((IMAGES[i : i + 5].to(device), LABELS[i : i + 5].to(device)) for i in (0, 5, 10))
 
-    return FineTuneSetup(backbone, head, pretrained, source, target_images, len(LABELS), "key")
+    return FineTuneSetup(
+        backbone, head, pretrained, source, target_images, len(LABELS), lambda: "key"
+    )
 
 
 def step_of(setup: FineTuneSetup, epoch: int = 0, pairs: MixupPairs | None = None):
@@ -119,6 +121,7 @@ def test_bss_on_plain_features():
 
 def test_cotuning_on_a_bare_backbone():
     setup = bare_setup(source_head=True)
+    move_backbone(setup)  # the relationship is the pre-trained model's, not the student's
     cotuning = CoTuning(method="direct", trade_off=2.0)
     cotuning.setup(setup)
     with torch.no_grad():

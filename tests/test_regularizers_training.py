@@ -225,6 +225,10 @@ def test_cotuning_fine_tunes_the_source_head_loaded_from_the_pretrained_classifi
     # the decision is an hparam: the model rebuilt from its checkpoint has the head too
     assert module.hparams["with_source_head"] is True
     FineTune(**module.hparams).load_state_dict(module.state_dict())
+    with pytest.raises(ValueError, match="with_source_head=False is not allowed"):
+        finetune(
+            num_source_classes=K_S, mixup_alpha=0.2, label_mixup_weight=0.1, with_source_head=False
+        )
 
 
 def test_a_cotuning_checkpoint_of_the_old_form_is_read_back(tmp_path):

@@ -129,6 +129,7 @@ def test_l2sp_through_finetune_logs_its_part_and_pulls_the_backbone_back(digits)
 
 
 def test_the_pretrained_snapshot_stays_out_of_checkpoints_and_rebuilding_needs_no_regularizer():
+    assert FineTune(regularizers=[BatchSpectralShrinkage()]).pretrained is None  # never read
     module = FineTune(regularizers=[L2SP()])
     assert isinstance(module.pretrained, nn.Module)
     state = module.state_dict()
@@ -438,7 +439,7 @@ def test_delta_on_finetune_frozen_model_cache_and_state(digits, tmp_path, monkey
         loss.backward()
         optimizer.step()
     assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
-    module.train()  # what Lightning calls at the start of every fit and after validation
+    module.train()  # e.g. a user's model.train() after evaluating by hand
     assert module.backbone.training and not frozen.training
     for key, value in frozen.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)

@@ -15,7 +15,7 @@ import timm
 
 from lightning_stl.callbacks.rifle import rifle_steps
 from lightning_stl.method_module import resolve_regularizers
-from lightning_stl.regularizers.delta import resolve_layers
+from lightning_stl.regularizers.layer_lookup import resolve_layers
 from lightning_stl.run import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

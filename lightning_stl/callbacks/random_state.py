@@ -7,6 +7,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+# Fabric's (private) helpers are the only ones that take torch's, CUDA's, numpy's and Python's
+# RNGs together, as Lightning's own worker seeding does; writing them again would copy them
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 

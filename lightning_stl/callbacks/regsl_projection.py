@@ -151,13 +151,11 @@ class RegSLProjection(AfterOptimizerStep):
                 "no `head` module; set head_radius=null"
             )
         self.radii = projection_radii(backbone, self.radius, self.growth, self.groups)
-        # the centres: the module's frozen pre-trained snapshot ω⁰ when it has one (shared, never
-        # trained), else a copy of the backbone as it is when training starts
-        pretrained = getattr(pl_module, "pretrained", None)
-        if isinstance(pretrained, nn.Module):
-            parameters = dict(pretrained.named_parameters())
-            self.references = {n: parameters[n].detach() for n in self.radii}
-        else:
+        # the centres: the module's frozen pre-trained snapshot ω⁰ when it keeps one (shared,
+        # never trained, read where it is at each step), else a copy of the backbone as it is
+        # when training starts
+        self.references = {}
+        if not isinstance(getattr(pl_module, "pretrained", None), nn.Module):
             parameters = dict(backbone.named_parameters())
             self.references = {n: parameters[n].detach().clone() for n in self.radii}
         log.info(
@@ -175,11 +173,15 @@ class RegSLProjection(AfterOptimizerStep):
     def project(self, pl_module: nn.Module) -> None:
         """Project every constrained weight of ``pl_module`` onto its ball."""
         parameters = dict(pl_module.backbone.named_parameters())
+        pretrained = getattr(pl_module, "pretrained", None)
+        centres = self.references
+        if isinstance(pretrained, nn.Module):
+            centres = {n: p.detach() for n, p in pretrained.named_parameters()}
         for name, radius in self.radii.items():
             weight = parameters[name]
-            reference = self.references[name]
+            reference = centres[name]
             if reference.device != weight.device or reference.dtype != weight.dtype:
-                reference = self.references[name] = reference.to(weight.device, weight.dtype)
+                reference = centres[name] = reference.to(weight.device, weight.dtype)
             project_(weight.data, reference, radius)
         if self.head_radius is not None:
             weight = pl_module.head.weight

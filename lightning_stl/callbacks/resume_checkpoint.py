@@ -98,7 +98,8 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._save(trainer)
 
     def _due(self, trainer: L.Trainer) -> bool:
-        if trainer.fit_loop._should_accumulate():  # accumulated gradients are not saved
+        # accumulated gradients are not saved; Lightning's own test of it is private (no public)
+        if trainer.fit_loop._should_accumulate():
             return False
         by_steps = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
         by_time = False

@@ -305,7 +305,7 @@ class SourceTargetDataModule(L.LightningDataModule):
         """
         steps = self.steps_per_epoch()
         world, rank = self._world()
-        connector = getattr(getattr(self, "trainer", None), "_accelerator_connector", None)
+        connector = getattr(self.trainer, "_accelerator_connector", None)  # private: no public one
         if world > 1 and getattr(connector, "use_distributed_sampler", False):
             raise ValueError(
                 f"trainer.use_distributed_sampler=true with {world} processes: each process "

@@ -128,6 +128,11 @@ class FineTune(TargetEvaluation):
                 r.uses_source_head for r in self.regularizers
             )
         self.hparams["with_source_head"] = bool(wants_source_head)
+        if not wants_source_head and self.label_mixup_weight > 0:
+            raise ValueError(
+                f"with_source_head=False is not allowed with label_mixup_weight (γ_FC)="
+                f"{label_mixup_weight} > 0: L^FC trains the auxiliary source-class head"
+            )
         if wants_source_head and not num_source_classes:
             raise ValueError(
                 "a regulariser of this method trains the pre-trained source classifier "
@@ -141,7 +146,8 @@ class FineTune(TargetEvaluation):
         # ω⁰, the one frozen copy of the pre-trained backbone every regulariser reads (L2-SP's
         # starting point, DELTA's frozen model, Co-Tuning's features, RegSL's projection centre);
         # loaded by load_source_model, never trained, always in eval mode (see train()).
-        self.pretrained = pretrained_snapshot(self.backbone) if self.regularizers else None
+        wants_pretrained = any(r.uses_pretrained for r in self.regularizers)
+        self.pretrained = pretrained_snapshot(self.backbone) if wants_pretrained else None
         self.register_state_dict_post_hook(_without_pretrained)
         self.register_load_state_dict_pre_hook(_keep_pretrained)
         self.feature_mixup = FeatureMixupLoss(feature_mixup_form)

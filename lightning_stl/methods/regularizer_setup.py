@@ -7,6 +7,7 @@ the ``data_key`` their caches are named by; the regularisers themselves never se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from lightning_stl.schedule import TARGET
 def fine_tune_setup(
     backbone: nn.Module,
     head: nn.Linear,
-    pretrained: nn.Module,
+    pretrained: nn.Module | None,
     source_head: nn.Linear | None,
     datamodule: Any,
 ) -> FineTuneSetup:
@@ -48,7 +49,7 @@ def fine_tune_setup(
         source_head=source_head,
         target_images=target_images,
         num_target_images=len(data),
-        data_key=data_key(datamodule, data),
+        data_key=functools.partial(data_key, datamodule, data),
     )
 
 

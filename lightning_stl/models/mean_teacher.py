@@ -103,7 +103,8 @@ class MeanTeacher(nn.Module):
     def copy_from(self, backbone: nn.Module, classifier: nn.Module | None = None) -> None:
         """Make the teacher an exact copy of the student (the start of fine-tuning: ω_T = ω_s)."""
         ours, theirs = self._tensors(self._modules_to_move(backbone, classifier, True), True)
-        torch._foreach_copy_(ours, theirs)
+        for mine, student in zip(ours, theirs, strict=True):
+            mine.copy_(student)
 
     @torch.no_grad()
     def update(
@@ -128,7 +129,8 @@ class MeanTeacher(nn.Module):
         if floats[0]:
             get_ema_multi_avg_fn(decay)(*floats, None)
         if ints[0]:
-            torch._foreach_copy_(*ints)
+            for mine, student in zip(*ints, strict=True):  # counters are copied, not averaged
+                mine.copy_(student)
 
     @torch.no_grad()
     def forward(

@@ -51,18 +51,18 @@ class FineTuneSetup:
     ``backbone`` at set-up, ``requires_grad=False``, eval mode), shared by every regulariser and
     never trained; ``source_head`` the auxiliary head over the K_S source classes loaded from the
     pre-trained classifier (or ``None``); ``target_images`` the target training set
-    (:data:`TargetImages`), with ``num_target_images`` images and ``data_key``, a string that
+    (:data:`TargetImages`), with ``num_target_images`` images, and ``data_key()``, a string that
     changes whenever those images (or their transform) change, for caches of what is computed
-    from them.
+    from them (computed when asked: it reads every image).
     """
 
     backbone: nn.Module
     head: nn.Linear
-    pretrained: nn.Module
+    pretrained: nn.Module | None = None
     source_head: nn.Linear | None = None
     target_images: TargetImages | None = None
     num_target_images: int = 0
-    data_key: str = ""
+    data_key: Callable[[], str] = str
 
     @property
     def num_target_classes(self) -> int:
@@ -98,6 +98,8 @@ class Regularizer(nn.Module):
     name: str = "regularizer"
     #: whether it trains the auxiliary source-class head (the fine-tuner must then create it)
     uses_source_head: bool = False
+    #: whether it reads the frozen pre-trained backbone ω⁰ (the fine-tuner must then keep one)
+    uses_pretrained: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,6 +110,16 @@ class Regularizer(nn.Module):
     def setup(self, setup: FineTuneSetup) -> None:
         """Keep what it needs of ``setup`` (default: the set-up itself, as :attr:`context`)."""
         self.context = setup
+
+    def require_pretrained(self) -> nn.Module:
+        """The set-up's ω⁰, or one clear error."""
+        pretrained = self.require_setup().pretrained
+        if pretrained is None:
+            raise RuntimeError(
+                f"{type(self).__name__} reads the pre-trained backbone, but the set-up has none "
+                "(set uses_pretrained = True on the class so that the fine-tuner keeps one)"
+            )
+        return pretrained
 
     def require_setup(self) -> FineTuneSetup:
         """:attr:`context`, or one clear error when :meth:`setup` has not run."""

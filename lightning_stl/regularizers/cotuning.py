@@ -239,6 +239,7 @@ class CoTuning(Regularizer):
     """
 
     name = "cotuning"
+    uses_pretrained = True
     #: FineTune gives the module a ``source_head`` initialised from the pre-trained classifier
     uses_source_head = True
 
@@ -284,7 +285,7 @@ class CoTuning(Regularizer):
         weight, bias = setup.source_head.weight.detach(), setup.source_head.bias.detach()
         batches = setup.target_images(weight.device)
         probabilities, labels = source_probabilities(
-            setup.pretrained, weight, bias, batches, self.logit_scale
+            self.require_pretrained(), weight, bias, batches, self.logit_scale
         )
         self.relationship = self.learn_relationship(
             probabilities, labels, setup.num_target_classes

@@ -54,12 +54,12 @@ from lightning_stl.regularizers.delta_channels import (
     pooled_features,
 )
 from lightning_stl.regularizers.l2sp import head_penalty
+from lightning_stl.regularizers.layer_lookup import resolve_layers
 
 _logger = logging.getLogger(__name__)
 
 FORMS = ("paper", "official", "smile_official")
 _WEIGHT = "channel_weight_"
-_MAX_NAMES_SHOWN = 40
 
 
 # ---------------------------------------------------------------------------- the penalty
@@ -113,59 +113,6 @@ def attention_distance(
     return 0.5 * total.sum() if form == "official" else total.sum()
 
 
-# ---------------------------------------------------------------------------- layers and models
-def default_layers(backbone: nn.Module) -> list[str]:
-    """The modules of ``backbone.feature_info`` (timm's list of ``{"module": name, ...}``, or a
-    ``FeatureInfo``): the stage outputs."""
-    info = getattr(backbone, "feature_info", None)
-    if info is None:
-        raise ValueError(
-            f"DELTA layers=null takes the modules of backbone.feature_info, but "
-            f"{type(backbone).__name__} has none: name the layers, e.g. "
-            f"layers=[{', '.join(_children(backbone, '')[:3])}]; {_listing(backbone, '')}"
-        )
-    if hasattr(info, "module_name"):
-        return list(info.module_name())
-    return [entry["module"] for entry in info]
-
-
-def resolve_layers(backbone: nn.Module, layers: Sequence[str] | None) -> list[str]:
-    """``layers`` (or :func:`default_layers`) after checking that each names a sub-module."""
-    names = default_layers(backbone) if layers is None else list(layers)
-    modules = dict(backbone.named_modules())
-    for name in names:
-        if not name or name not in modules:
-            parent = _deepest_parent(modules, name)
-            raise ValueError(
-                f"DELTA layers: {name!r} is not a module of the backbone "
-                f"{type(backbone).__name__}; {_listing(backbone, parent)}"
-            )
-    return names
-
-
-def _deepest_parent(modules: dict[str, nn.Module], name: str) -> str:
-    parts = name.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:end])
-        if prefix in modules:
-            return prefix
-    return ""
-
-
-def _children(backbone: nn.Module, parent: str) -> list[str]:
-    module = backbone.get_submodule(parent) if parent else backbone
-    return [f"{parent}.{name}" if parent else name for name, _ in module.named_children()]
-
-
-def _listing(backbone: nn.Module, parent: str) -> str:
-    names = _children(backbone, parent)
-    shown = ", ".join(names[:_MAX_NAMES_SHOWN])
-    if len(names) > _MAX_NAMES_SHOWN:
-        shown += f", ... ({len(names)} in all)"
-    where = f"the modules in {parent!r} are" if parent else "its top-level modules are"
-    return f"{where}: {shown} (nested modules as 'parent.child', e.g. 'layer1.0')"
-
-
 class DELTA(Regularizer):
     """DELTA's attention-weighted feature-map distance to the frozen pre-trained model, plus β/2
     times the squared norm of the new head (see the module docstring for the equation and forms).
@@ -198,7 +145,8 @@ class DELTA(Regularizer):
         form: ``"paper"`` (default), ``"official"`` (DELTA's code) or ``"smile_official"``
             (SMILE's code), see the module docstring.
         device: Where the channel estimate runs (e.g. ``"cuda"``); ``None``: where the
-            pre-trained backbone is at :meth:`setup` (before the trainer moves it: usually the CPU).
+            pre-trained backbone is at :meth:`setup` (the run's device: the model is moved there
+            before its regularisers are set up); the snapshot goes back there afterwards.
 
     The channel weights are non-persistent buffers ``channel_weight_<j>`` (they move with
     ``.to``, they are not in ``state_dict``): :meth:`setup` always runs again before a checkpoint
@@ -207,6 +155,7 @@ class DELTA(Regularizer):
     """
 
     name = "delta"
+    uses_pretrained = True
 
     def __init__(
         self,
@@ -264,7 +213,7 @@ class DELTA(Regularizer):
                 "no target_images"
             )
         self.bind(setup)
-        layers, pretrained = self.layer_names, setup.pretrained
+        layers, pretrained = self.layer_names, self.require_pretrained()
         path = None
         if self.cache_dir is not None:
             path = cache_file(
@@ -273,7 +222,7 @@ class DELTA(Regularizer):
                 layers,
                 self.num_images,
                 setup.num_target_classes,
-                setup.data_key,
+                setup.data_key(),
             )
         increases = cached_loss_increases(
             path,
@@ -298,13 +247,13 @@ class DELTA(Regularizer):
         self.detach()
         names = resolve_layers(setup.backbone, self.layers)
         student_modules = dict(setup.backbone.named_modules())
-        frozen_modules = dict(setup.pretrained.named_modules())
+        Regularizer.setup(self, setup)
+        frozen_modules = dict(self.require_pretrained().named_modules())
         for name in names:
             hook = functools.partial(self._capture_student, name)
             self._handles.append(student_modules[name].register_forward_hook(hook))
             hook = functools.partial(self._capture_frozen, name)
             self._handles.append(frozen_modules[name].register_forward_hook(hook))
-        Regularizer.setup(self, setup)
         self.layer_names = names
 
     def detach(self) -> None:
@@ -344,20 +293,20 @@ class DELTA(Regularizer):
                     f"channels), they sum to {total:.6g}"
                 )
             checked.append(weight)
-        for key in [k for k in self._buffers if k.startswith(_WEIGHT)]:
-            del self._buffers[key]
+        for key in [k for k, _ in self.named_buffers(recurse=False) if k.startswith(_WEIGHT)]:
+            delattr(self, key)
         for j, weight in enumerate(checked):
             self.register_buffer(f"{_WEIGHT}{j}", weight, persistent=False)
 
     def channel_weights(self) -> list[Tensor]:
         """W_j ``[C_j]`` per layer (empty before :meth:`setup`)."""
-        count = sum(1 for k in self._buffers if k.startswith(_WEIGHT))
-        return [self._buffers[f"{_WEIGHT}{j}"] for j in range(count)]
+        count = sum(1 for k, _ in self.named_buffers(recurse=False) if k.startswith(_WEIGHT))
+        return [self.get_buffer(f"{_WEIGHT}{j}") for j in range(count)]
 
     # ------------------------------------------------------------------ the penalty
     def frozen_maps(self, inputs: Tensor) -> list[Tensor]:
         """FM_j(w⁰, x) ``[B, C_j, h_j, w_j]`` of the frozen model on ``inputs``, without grad."""
-        frozen = self.require_setup().pretrained
+        frozen = self.require_pretrained()
         frozen.eval()
         self._frozen_maps.clear()
         with torch.no_grad():

@@ -58,6 +58,7 @@ class L2SP(Regularizer):
     """
 
     name = "l2sp"
+    uses_pretrained = True
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01):
         super().__init__()
@@ -68,7 +69,7 @@ class L2SP(Regularizer):
         """‖w_S − w⁰_S‖²₂ (scalar, without α/2) of the backbone to the pre-trained one."""
         setup = self.require_setup()
         named = list(setup.backbone.named_parameters())
-        reference = dict(setup.pretrained.named_parameters())
+        reference = dict(self.require_pretrained().named_parameters())
         if [name for name, _ in named] != list(reference):
             raise RuntimeError(
                 f"the backbone has {len(named)} parameters, the pre-trained backbone "

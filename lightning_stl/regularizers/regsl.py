@@ -9,7 +9,7 @@ logits z ``[B, K]``, probabilities p = softmax(z) and labels y ``[B]``:
 Epochs are counted from 1, as the official trainer does (``base_trainer.py``: ``start_epoch = 1``;
 ``constraint_trainer.py``: ``if epoch >= self.correct_epoch`` and ``if epoch < self.adaptive_epoch``),
 so with the defaults re-weighting starts in the 5th epoch and label correction in the 10th.
-:meth:`RegSL.forward` turns Lightning's 0-based ``current_epoch`` into that count (``+ 1``).
+:meth:`RegSL.forward` turns the step's 0-based ``FineTuneStep.epoch`` into that count (``+ 1``).
 
 * label correction (:func:`correct_labels`), from epoch ``correct_epoch`` on: an image whose
   label the model contradicts with confidence above the threshold is relabelled,
