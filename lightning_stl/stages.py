@@ -30,6 +30,7 @@ from lightning_stl.callbacks import (
 from lightning_stl.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.errors import parameters_of, unexpected_keyword
+from lightning_stl.instantiators import instantiate_group
 from lightning_stl.run_files import _float, _write_json
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
 
@@ -124,62 +125,57 @@ def check_reaches_target(stage: Stage, datamodule: SourceTargetDataModule) -> No
         )
 
 
-def _callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Callback]:
-    """``cfg.callbacks`` for ``stage``: checkpoints written into ``checkpoint_dir`` (the best
-    one first, as ``trainer.checkpoint_callback``; ``last.ckpt`` is the
-    :class:`~lightning_stl.callbacks.ResumeCheckpoint`'s, added with its defaults when the
-    config has none), and what monitors validation only where the stage validates."""
-    callbacks: list[Callback] = []
+def stage_callback_configs(
+    cfg: DictConfig, stage: Stage, checkpoint_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """``cfg.callbacks`` as ``stage`` runs them: checkpoints written into ``checkpoint_dir``, the
+    best one saved when its validation ends (Lightning would wait for the epoch's end when
+    validating once an epoch; ``last.ckpt``, written after it, must know it), no progress bar
+    when it is off, and what monitors validation only where the stage validates."""
+    configs: dict[str, dict[str, Any]] = {}
     for key, conf in (cfg.get("callbacks") or {}).items():
-        if conf is None:
+        if not isinstance(conf, DictConfig):
+            configs[key] = conf  # null, or refused by instantiate_group with its key
             continue
         target = str(conf.get("_target_", ""))
-        monitors_validation = str(conf.get("monitor", "")).startswith("val/")
         if "ProgressBar" in target and not cfg.trainer.get("enable_progress_bar", True):
             continue
+        overrides: dict[str, Any] = {}
         if target.endswith("ResumeCheckpoint"):
-            callbacks.append(hydra.utils.instantiate(conf, dirpath=str(checkpoint_dir)))
+            overrides = {"dirpath": str(checkpoint_dir)}
         elif target.endswith("ModelCheckpoint"):
-            # the best is saved when its validation ends (Lightning would wait for the epoch's
-            # end when validating once an epoch), so that last.ckpt, written after it, knows it
-            overrides: dict[str, Any] = {
+            overrides = {
                 "dirpath": str(checkpoint_dir),
                 "save_last": False,
                 "save_on_train_epoch_end": False,
             }
             if not stage.validates:
                 overrides.update(monitor=None, save_top_k=0)
-            callbacks.insert(0, hydra.utils.instantiate(conf, **overrides))
-        elif monitors_validation and not stage.validates:
+        elif str(conf.get("monitor", "")).startswith("val/") and not stage.validates:
             log.info("stage %s does not validate: callback %s left out", stage.name, key)
-        else:
-            callbacks.append(hydra.utils.instantiate(conf))
-    if not any(
-        isinstance(c, ModelCheckpoint) and not isinstance(c, ResumeCheckpoint) for c in callbacks
-    ):
+            continue
+        configs[key] = {**OmegaConf.to_container(conf, resolve=True), **overrides}
+    return configs
+
+
+def stage_callbacks(cfg: DictConfig, stage: Stage, checkpoint_dir: Path) -> list[Callback]:
+    """The callbacks of :func:`stage_callback_configs`, the best checkpoint first (it is
+    ``trainer.checkpoint_callback``), and a :class:`~lightning_stl.callbacks.ResumeCheckpoint`
+    with its defaults when the config has none (``last.ckpt``, to resume from)."""
+    callbacks = instantiate_group(stage_callback_configs(cfg, stage, checkpoint_dir), "callbacks")
+    best = [
+        c
+        for c in callbacks
+        if isinstance(c, ModelCheckpoint) and not isinstance(c, ResumeCheckpoint)
+    ]
+    if not best:
         raise ValueError(
             "callbacks.model_checkpoint is required: every run tests its best checkpoint"
         )
+    callbacks = [*best, *(c for c in callbacks if not any(c is b for b in best))]
     if not any(isinstance(c, ResumeCheckpoint) for c in callbacks):
         callbacks.append(ResumeCheckpoint(dirpath=str(checkpoint_dir)))
     return callbacks
-
-
-def _method_callbacks(cfg: DictConfig) -> list[Callback]:
-    """``method.callbacks``: what the method needs on training time (SMILE's mean teacher)."""
-    return [
-        hydra.utils.instantiate(conf)
-        for conf in (cfg.method.get("callbacks") or {}).values()
-        if conf is not None
-    ]
-
-
-def _loggers(cfg: DictConfig, stage: Stage) -> list[Any]:
-    loggers = []
-    for conf in (cfg.get("logger") or {}).values():
-        if conf is not None:
-            loggers.append(hydra.utils.instantiate(conf, version=stage.name))
-    return loggers
 
 
 def run_stage(
@@ -217,9 +213,9 @@ def run_stage(
         module.model.copy_source_statistics_to_target()
     scheduler = TargetWeightScheduler(stage.target_weight)
     guard = DivergenceGuard()
-    callbacks = _callbacks(cfg, stage, stage_dir)
+    callbacks = stage_callbacks(cfg, stage, stage_dir)
     if stage.trains_target:
-        callbacks += _method_callbacks(cfg)
+        callbacks += instantiate_group(cfg.method.get("callbacks"), "method.callbacks")
     extra: dict[str, Any] = {}
     if not stage.validates:
         extra = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
@@ -244,7 +240,7 @@ def run_stage(
             *callbacks,
         ],
         plugins=[AtomicCheckpointIO()],  # a kill or a full disk never leaves a partial file
-        logger=_loggers(cfg, stage),
+        logger=instantiate_group(cfg.get("logger"), "logger", version=stage.name),
         default_root_dir=str(run_dir),
         **extra,
         **trainer_overrides,

@@ -74,8 +74,8 @@ def own_test_accuracy(datamodule, state: dict[str, torch.Tensor]) -> float:
 def test_metrics_report_the_best_checkpoint_not_the_last_weights(make_cfg, monkeypatch):
     """``test_acc`` is the best-validation checkpoint's accuracy, not the ruined final weights'."""
     ruin = RuinLastValidation()
-    original = stages_module._callbacks
-    monkeypatch.setattr(stages_module, "_callbacks", lambda *args: [*original(*args), ruin])
+    original = stages_module.stage_callbacks
+    monkeypatch.setattr(stages_module, "stage_callbacks", lambda *args: [*original(*args), ruin])
     # mostly target-weighted multi-task learning: the first validations beat the ruined one
     cfg = make_cfg("method=multitask", "method.weight=0.9", "epochs.joint=3")
     metrics = train(cfg)

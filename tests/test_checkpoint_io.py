@@ -88,8 +88,8 @@ class CheckpointIOSeen(Callback):
 
 def test_every_run_saves_its_checkpoints_atomically(make_cfg, monkeypatch):
     seen = CheckpointIOSeen()
-    original = stages_module._callbacks
-    monkeypatch.setattr(stages_module, "_callbacks", lambda *args: [*original(*args), seen])
+    original = stages_module.stage_callbacks
+    monkeypatch.setattr(stages_module, "stage_callbacks", lambda *args: [*original(*args), seen])
     saved: list[Path] = []
     real = checkpoint_io.write_atomically
     monkeypatch.setattr(

@@ -89,3 +89,16 @@ def test_smile_official_is_the_authors_finetune_py():
     assert paper.module.feature_mixup_weight == 0.1 and paper.module.fold_mixup_weight is False
     assert paper.callbacks.mean_teacher.average_buffers is True
     assert paper.callbacks.mean_teacher.update_before_step is False
+
+
+def test_a_callback_entry_without_a_target_is_refused_with_its_key():
+    from lightning_stl.instantiators import instantiate_group
+
+    assert instantiate_group({"off": None}, "callbacks") == []
+    with pytest.raises(ValueError, match=r"callbacks\.bar=5 is not allowed: .*_target_"):
+        instantiate_group({"bar": 5}, "callbacks")
+    built = instantiate_group(
+        {"timer": {"_target_": "lightning.pytorch.callbacks.Timer", "duration": "00:00:01:00"}},
+        "callbacks",
+    )
+    assert [type(c).__name__ for c in built] == ["Timer"]

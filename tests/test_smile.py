@@ -689,8 +689,8 @@ def test_the_official_teacher_moves_inside_step_10_and_keeps_the_pretrained_stat
     happened (inside step 10), of the parameters only: the BatchNorm statistics stay the source's
     while the student's moved."""
     end = EndState()
-    original = stages_module._callbacks
-    monkeypatch.setattr(stages_module, "_callbacks", lambda *args: [*original(*args), end])
+    original = stages_module.stage_callbacks
+    monkeypatch.setattr(stages_module, "stage_callbacks", lambda *args: [*original(*args), end])
     cfg = make_cfg(
         *SMILE_TINY,
         f"pretraining.cache_dir={shared_cache}",

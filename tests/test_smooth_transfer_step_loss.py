@@ -79,9 +79,9 @@ def logged_weights(run_dir: Path) -> dict[int, float]:
 def test_each_step_loss_is_eq3_with_the_logged_target_weight(make_cfg, monkeypatch, overrides):
     """Every step's loss equals λ(t)·CE_T + (1 − λ(t))·CE_S by hand, with the logged λ(t)."""
     recorder = StepLossRecorder()
-    original = stages_module._callbacks
+    original = stages_module.stage_callbacks
     monkeypatch.setattr(
-        stages_module, "_callbacks", lambda *args: [*original(*args), recorder], raising=True
+        stages_module, "stage_callbacks", lambda *args: [*original(*args), recorder], raising=True
     )
     # no dropout: the hand forward must see the network the step saw
     cfg = make_cfg(*overrides, "backbone.options.drop_rate=0.0", "batchnorm=shared")
