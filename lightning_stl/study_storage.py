@@ -21,7 +21,9 @@ def open_study(
     url = storage
     try:
         with _sqlite_setup_lock(storage):
-            if isinstance(storage, str) and storage.startswith("sqlite"):
+            if isinstance(storage, str) and storage.startswith(JOURNAL):
+                storage = journal_storage(storage)
+            elif isinstance(storage, str) and storage.startswith("sqlite"):
                 # several sweep processes on one SQLite file wait for its lock instead of failing
                 storage = optuna.storages.RDBStorage(
                     storage, engine_kwargs={"connect_args": {"timeout": 120}}
@@ -38,9 +40,24 @@ def open_study(
         raise ValueError(
             f"hydra.sweeper.storage={url!r} cannot be opened "
             f"({type(error).__name__}: {reason[0] if reason else ''}); nothing was run. Give "
-            "sqlite:///<existing folder>/<file>.db or a reachable database URL such as "
-            "postgresql://user@host/db"
+            "sqlite:///<existing folder>/<file>.db, journal:///<existing folder>/<file>.log "
+            "or a reachable database URL such as postgresql://user@host/db"
         ) from None
+
+
+#: ``journal:///abs/path/study.log`` (or ``journal://relative/path.log``): Optuna's
+#: ``JournalStorage`` on a file, for shared file systems where SQLite's locks are unreliable.
+JOURNAL = "journal://"
+
+
+def journal_storage(url: str) -> optuna.storages.JournalStorage:
+    """Optuna's journal storage on the file of ``url`` (its folder must exist)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url[len(JOURNAL) :])
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} of the journal file does not exist")
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """A durable Optuna sweeper for Hydra: resumable studies, finite failures, a report at the end.
 
-It is hydra-optuna-sweeper's ``OptunaSweeper`` (TPE by default, trials asked in batches of
-``n_jobs`` and run by the configured launcher) with what a long search on shared machines needs:
+It takes hydra-optuna-sweeper's configuration (TPE by default, trials asked in batches of
+``n_jobs`` and run by the configured launcher, ``params`` in Hydra's sweep grammar, see
+:mod:`lightning_stl.search_space`) and runs on today's Optuna (>= 4), with what a long search on
+shared machines needs:
 
 - **Resume.** With ``storage`` (``sqlite:///study.db`` or a PostgreSQL URL) and ``study_name``, a
   sweep that was killed and is started again runs only the trials it still owes: trials that
@@ -37,18 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_optuna_sweeper._impl import (
-    # private, no public equivalent: the package's public API is the OptunaSweeper plugin only
-    OptunaSweeperImpl,
-    create_params_from_overrides,
-)
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lightning_stl.reporting.sweep_report import write_report
+from lightning_stl.search_space import SearchSpace, parse_search_space, suggest
 from lightning_stl.study_storage import open_study
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,69 @@ STATUS_ATTR = "status"
 LAUNCHED = "launched"
 
 
-class DurableOptunaSweeperImpl(OptunaSweeperImpl):
+class DurableOptunaSweeperImpl:
     """The sweep loop of :class:`DurableOptunaSweeper`."""
 
-    def __init__(self, *args: Any, worker: str, failure_value: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        worker: str,
+        failure_value: float,
+    ):
+        self.sampler = sampler
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials, self.n_jobs = int(n_trials), int(n_jobs)
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ValueError(
+                f"hydra.sweeper.max_failure_rate={max_failure_rate} is not allowed: it must lie "
+                "in [0, 1]"
+            )
+        self.max_failure_rate = float(max_failure_rate)
+        self.extend_search_space = get_method(custom_search_space) if custom_search_space else None
+        self.params = params
         self.worker = str(worker)
         self.failure_value = float(failure_value)
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+        self.job_idx = 0
         # parameters of trials a killed sweep left running -> their run folder's trial number, so
         # that the re-run resumes from the folder's last.ckpt instead of starting over
         self.rerun_folders: dict[str, int] = {}
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config, self.job_idx = config, 0
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+
+    def _directions(self) -> list[str]:
+        directions = (
+            self.direction if isinstance(self.direction, list | tuple) else [self.direction]
+        )
+        return [str(getattr(d, "name", d)) for d in directions]
+
+    def _trial_overrides(self, trial: optuna.Trial, space: SearchSpace) -> list[str]:
+        """Draw ``trial``'s parameters and return its overrides."""
+        for name, distribution in space.distributions.items():
+            suggest(trial, name, distribution)
+        if self.extend_search_space is not None:
+            self.extend_search_space(self.config, trial)
+        overlap = sorted(set(trial.params) & set(space.fixed))
+        if overlap:
+            raise ValueError(f"parameters both searched and fixed: {', '.join(overlap)}")
+        return space.overrides(dict(trial.params))
 
     # ------------------------------------------------------------------ helpers
     def _mine(self, trial: optuna.trial.FrozenTrial) -> bool:
@@ -104,10 +157,14 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
                     trial.params,
                 )
                 study.tell(trial.number, state=TrialState.FAIL)
-                if trial.params:
+                # a trial killed while its parameters were drawn was never launched
+                if trial.params and trial.user_attrs.get(STATUS_ATTR) == LAUNCHED:
                     study.enqueue_trial(trial.params)
                     self.rerun_folders[_params_key(trial.params)] = trial.number
-            elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) != LAUNCHED:
+            elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) not in (
+                None,
+                LAUNCHED,
+            ):
                 finished += 1
         return finished
 
@@ -159,15 +216,9 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
     # ------------------------------------------------------------------ the loop
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config()
-        params_conf.extend(arguments)
-        distributions, fixed_params = create_params_from_overrides(params_conf)
-        if self.search_space_distributions:
-            distributions = {**self.search_space_distributions, **distributions}
-        for name in fixed_params:
-            distributions.pop(name, None)
-        directions = self._get_directions()
+        params = [f"{key}={value}" for key, value in (self.params or {}).items()]
+        space = parse_search_space([*params, *arguments])
+        directions = self._directions()
         if len(directions) != 1:
             raise ValueError(f"this sweeper optimises one objective, got directions {directions}")
 
@@ -195,14 +246,17 @@ class DurableOptunaSweeperImpl(OptunaSweeperImpl):
             trials = [study.ask() for _ in range(batch)]
             for trial in trials:
                 trial.set_user_attr(WORKER_ATTR, self.worker)
-                trial.set_user_attr(STATUS_ATTR, LAUNCHED)
                 trial.set_user_attr("host", socket.gethostname())
                 trial.set_user_attr("pid", os.getpid())
-            overrides = self._configure_trials(trials, distributions, fixed_params)
             overrides = [
-                (*o, f"+optuna_trial={self.rerun_folders.pop(_params_key(t.params), t.number)}")
-                for o, t in zip(overrides, trials, strict=True)
+                (
+                    *self._trial_overrides(t, space),
+                    f"+optuna_trial={self.rerun_folders.pop(_params_key(t.params), t.number)}",
+                )
+                for t in trials
             ]
+            for trial in trials:  # every parameter drawn: from here a kill re-runs them
+                trial.set_user_attr(STATUS_ATTR, LAUNCHED)
             started = time.time()
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
@@ -302,7 +356,6 @@ class DurableOptunaSweeper(Sweeper):
         n_trials: int,
         n_jobs: int,
         max_failure_rate: float,
-        search_space: DictConfig | None,
         custom_search_space: str | None,
         params: DictConfig | None,
         worker: str = "0",
@@ -320,7 +373,6 @@ class DurableOptunaSweeper(Sweeper):
             n_trials,
             n_jobs,
             max_failure_rate,
-            search_space,
             custom_search_space,
             params,
             worker=worker,

@@ -1,4 +1,4 @@
-"""The sweep grammar to Optuna >= 3 distributions (run in an environment with Optuna >= 4)."""
+"""The sweep grammar to Optuna distributions, drawn through the public suggest_* API."""
 
 from __future__ import annotations
 
