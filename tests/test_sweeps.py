@@ -203,10 +203,12 @@ def test_sweeps_started_together_on_a_new_study_file_all_open_the_study(tmp_path
         assert len(load(storage_url(tmp_path, f"new{attempt}", kind), "race").trials) == 0
 
 
-def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, run_cli):
+@STORAGES
+def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, run_cli, kind):
     result = run_cli(
         *sweep_args(
             tmp_path,
+            f"hydra.sweeper.storage={storage_url(tmp_path, 'parallel', kind)}",
             "hydra/launcher=parallel",
             "hydra.launcher.n_jobs=2",
             "hydra.sweeper.n_trials=2",
@@ -223,10 +225,12 @@ def test_parallel_launcher_runs_trials_at_the_same_time(tmp_path, run_cli):
     assert a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]  # overlapping
 
 
-def test_diverging_and_raising_trials(tmp_path, run_cli):
+@STORAGES
+def test_diverging_and_raising_trials(tmp_path, run_cli, kind):
     diverging = run_cli(
         *sweep_args(
             tmp_path,
+            f"hydra.sweeper.storage={storage_url(tmp_path, 'failures', kind)}",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=2",
             "optimizer.lr=1e12",

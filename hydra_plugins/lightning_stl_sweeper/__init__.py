@@ -32,10 +32,12 @@ class TPESamplerConfig(SamplerConfig):
     multivariate: bool = False
     group: bool = False
     constant_liar: bool = True
-    prior_weight: float = 1.0
-    consider_magic_clip: bool = True
-    consider_endpoints: bool = False
     warn_independent_sampling: bool = True
+    # hydra-optuna-sweeper's fields that Optuna 4.9 deprecates: null keeps Optuna's default
+    consider_prior: bool | None = None
+    prior_weight: float | None = None
+    consider_magic_clip: bool | None = None
+    consider_endpoints: bool | None = None
 
 
 @dataclass
