@@ -58,8 +58,12 @@ STATUS_ATTR = "status"
 LAUNCHED = "launched"
 
 
-class DurableOptunaSweeperImpl:
-    """The sweep loop of :class:`DurableOptunaSweeper`."""
+class DurableOptunaSweeper(Sweeper):
+    """Hydra sweeper plugin: ``hydra/sweeper=durable_optuna`` (see the module docstring).
+
+    Hydra instantiates it from :class:`~hydra_plugins.lightning_stl_sweeper.DurableOptunaSweeperConf`
+    (the sampler already built from its ``_target_``), then calls :meth:`setup` and :meth:`sweep`.
+    """
 
     def __init__(
         self,
@@ -72,9 +76,13 @@ class DurableOptunaSweeperImpl:
         max_failure_rate: float,
         custom_search_space: str | None,
         params: DictConfig | None,
-        worker: str,
-        failure_value: float,
-    ):
+        worker: str = "0",
+        failure_value: float = 0.0,
+    ) -> None:
+        if n_trials < 1 or n_jobs < 1:
+            raise ValueError(
+                f"hydra.sweeper.n_trials={n_trials} and n_jobs={n_jobs} must both be >= 1"
+            )
         self.sampler = sampler
         self.direction = direction
         self.storage = storage
@@ -342,47 +350,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class DurableOptunaSweeper(Sweeper):
-    """Hydra sweeper plugin: ``hydra/sweeper=durable_optuna`` (see the module docstring)."""
-
-    def __init__(
-        self,
-        sampler: Any,
-        direction: Any,
-        storage: Any | None,
-        study_name: str | None,
-        n_trials: int,
-        n_jobs: int,
-        max_failure_rate: float,
-        custom_search_space: str | None,
-        params: DictConfig | None,
-        worker: str = "0",
-        failure_value: float = 0.0,
-    ) -> None:
-        if n_trials < 1 or n_jobs < 1:
-            raise ValueError(
-                f"hydra.sweeper.n_trials={n_trials} and n_jobs={n_jobs} must both be >= 1"
-            )
-        self.sweeper = DurableOptunaSweeperImpl(
-            sampler,
-            direction,
-            storage,
-            study_name,
-            n_trials,
-            n_jobs,
-            max_failure_rate,
-            custom_search_space,
-            params,
-            worker=worker,
-            failure_value=failure_value,
-        )
-
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
-        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
-
-    def sweep(self, arguments: list[str]) -> None:
-        return self.sweeper.sweep(arguments)

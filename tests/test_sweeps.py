@@ -17,7 +17,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from lightning_stl.sweeper import DurableOptunaSweeperImpl
+from lightning_stl.sweeper import DurableOptunaSweeper
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = [
@@ -295,8 +295,8 @@ def test_a_storage_that_cannot_be_opened_is_named_in_one_message(url, reason):
     assert not Path("/no").exists()  # no folder is made for a wrong path
 
 
-def make_impl(failure_value: float = 0.0) -> DurableOptunaSweeperImpl:
-    return DurableOptunaSweeperImpl(
+def make_impl(failure_value: float = 0.0) -> DurableOptunaSweeper:
+    return DurableOptunaSweeper(
         None,
         "maximize",
         None,
