@@ -70,6 +70,11 @@ CASES = [
     ("epochs.source<0", ["method=finetune", "epochs.source=-3"], [r"epochs\.source=-3", ">= 1"]),
     ("epochs.target", ["method=target_only", "epochs.target=abc"], [r"epochs\.target='abc'"]),
     ("steps.finetune=0", [*SMILE, "steps.finetune=0"], [r"steps\.finetune=0", ">= 1"]),
+    (
+        "with_source_head",
+        [*SMILE, "method=finetune_l2", "+method.module.with_source_head=maybe"],
+        [r"with_source_head='maybe' is not allowed", "true or false"],
+    ),
     ("seed<0", ["seed=-1"], [r"seed=-1", r"integer in \[0, 4294967295\]"]),
     ("seed-text", ["seed=abc"], [r"seed='abc'", "integer"]),
     ("threads-text", ["torch_threads=abc"], [r"torch_threads='abc'", ">= 1"]),

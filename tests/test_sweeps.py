@@ -372,6 +372,21 @@ def test_recovery_fails_dead_trials_and_refuses_a_live_namesake():
     running_trial(live, "other", 999_999)  # another worker's trials are not this sweep's to touch
 
 
+def test_a_trial_killed_while_its_parameters_were_drawn_is_not_run_again():
+    """It was never launched: failed, not queued again, and not one of the finished trials."""
+    study = optuna.create_study(direction="maximize")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    trial = running_trial(study, "w", int(dead.stdout))
+    trial.set_user_attr("status", None)  # its parameters were being drawn: not launched yet
+    impl = make_impl()
+    assert impl._recover(study) == 0
+    assert study.trials[trial.number].state.name == "FAIL" and impl.rerun_folders == {}
+    assert study.get_trials(states=[optuna.trial.TrialState.WAITING]) == []
+    assert make_impl()._recover(study) == 0  # a later sweep does not count it as finished
+
+
 def test_a_cross_validated_trial_reports_its_own_wall_time(tmp_path):
     # hparams_search=smile_cv: the trial folder holds cv.json (no metrics.json); its wall time is
     # the trial's, not the whole batch's

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_stl.checks import number
+from lightning_stl.checks import flag, number
 from lightning_stl.methods.evaluation import TargetEvaluation
 from lightning_stl.methods.regularizer_setup import fine_tune_setup
 from lightning_stl.models.mean_teacher import MeanTeacher
@@ -123,7 +123,9 @@ class FineTune(TargetEvaluation):
         self.head = nn.Linear(self.backbone.num_features, num_target_classes)
         self.regularizers = nn.ModuleList(regularizers)
         wants_source_head = with_source_head
-        if wants_source_head is None:
+        if wants_source_head is not None:
+            flag("method.module.with_source_head", wants_source_head)
+        else:
             wants_source_head = self.label_mixup_weight > 0 or any(
                 r.uses_source_head for r in self.regularizers
             )
