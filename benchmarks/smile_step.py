@@ -18,7 +18,10 @@ computes the same average, again call by call in alternation; and the teacher's 
 clean batch, the main extra cost of a SMILE step, is timed alone against plain steps.
 
     python benchmarks/smile_step.py [--model resnet18] [--image-size 112] [--batch-size 48]
-                                    [--steps 20] [--repeats 3]
+                                    [--steps 20] [--repeats 3] [--fast]
+
+``--fast`` runs both steps in the fast mode (lightning_stl/speed.py): weights and batch
+channels_last, the loss (the teacher's forward included) under bf16 autocast.
 
 Prints the median ms/step of each, the ratio SMILE / plain (SMILE, Section 4.1.1: "less than 20%"
 more time; goal here on a CPU: <= 1.4), the teacher update's time and share of a SMILE step, and
@@ -28,6 +31,7 @@ the ratio fused / loop (goal <= 1). torch uses the threads it finds (``torch.get
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -41,6 +45,7 @@ from torch import Tensor
 from lightning_stl.callbacks import MeanTeacherUpdate
 from lightning_stl.methods import FineTune
 from lightning_stl.models.mean_teacher import MeanTeacher
+from lightning_stl.speed import to_channels_last
 
 WARMUP = 2  # untimed steps of each before the rounds (allocator, oneDNN kernels)
 DECAY = 0.999
@@ -67,10 +72,17 @@ def make_module(args: argparse.Namespace, smile: bool) -> FineTune:
     return module.train()
 
 
-def make_step(module: FineTune, x: Tensor, y: Tensor) -> Callable[[], float]:
+def make_step(
+    module: FineTune,
+    x: Tensor,
+    y: Tensor,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], float]:
     """One training step of ``module`` on ``(x, y)``: loss, backward, SGD, and (SMILE) the mean
-    teacher update through the callback, as ``Trainer.fit`` runs them. Returns the seconds the
-    teacher update took (0 without a teacher)."""
+    teacher update through the callback, as ``Trainer.fit`` runs them. The loss is computed
+    inside ``context()`` (the fast mode: bf16 autocast, as Lightning's ``bf16-mixed`` wraps
+    ``training_step``; backward and the optimiser outside it). Returns the seconds the teacher
+    update took (0 without a teacher)."""
     optimizer = torch.optim.SGD(
         module.student_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4
     )
@@ -78,7 +90,8 @@ def make_step(module: FineTune, x: Tensor, y: Tensor) -> Callable[[], float]:
     trainer = SimpleNamespace(global_step=0)
 
     def step() -> float:
-        loss, _ = module.training_loss(x, y)
+        with context():
+            loss, _ = module.training_loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,23 +172,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed step pairs per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds")
     parser.add_argument("--teacher-updates", type=int, default=100, help="timed pairs of updates")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast mode (lightning_stl/speed.py): channels_last, bf16 autocast",
+    )
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     y = torch.randint(0, args.target_classes, (args.batch_size,), generator=generator)
     modules = {"plain": make_module(args, smile=False), "smile": make_module(args, smile=True)}
-    plain_step, smile_step = (make_step(modules[name], x, y) for name in ("plain", "smile"))
+    context = contextlib.nullcontext
+    if args.fast:
+        for module in modules.values():
+            to_channels_last(module)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        def context() -> contextlib.AbstractContextManager:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    plain_step, smile_step = (
+        make_step(modules[name], x, y, context) for name in ("plain", "smile")
+    )
     load_before = os.getloadavg()
     started = time.perf_counter()
     for _ in range(WARMUP):  # allocator, oneDNN kernels
         plain_step(), smile_step()
     rounds = [alternate(plain_step, smile_step, args.steps) for _ in range(args.repeats)]
     teacher, smile_module = modules["smile"].teacher, modules["smile"]
+
+    def teacher_forward_alone() -> None:
+        with context():
+            teacher(x, classify=smile_module.label_mixup_weight > 0)
+
     forwards = alternate(  # what the teacher's forward of the clean batch adds to a step
-        plain_step,
-        lambda: teacher(x, classify=smile_module.label_mixup_weight > 0),
-        max(3, args.steps // 4),
+        plain_step, teacher_forward_alone, max(3, args.steps // 4)
     )
     updates, difference = teacher_update_times(smile_module, args.teacher_updates)
     elapsed = time.perf_counter() - started
@@ -201,6 +233,7 @@ def main() -> None:
         f"{args.batch_size}x3x{args.image_size}x{args.image_size}, {args.target_classes} target / "
         f"{args.source_classes} source classes; {args.repeats} rounds x {args.steps} step pairs, "
         f"{args.teacher_updates} update pairs ({elapsed:.0f} s); "
+        f"{'fast mode (channels_last, bf16 autocast)' if args.fast else 'float32'}; "
         f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}"
     )
     print(f"plain fine-tuning {plain * 1e3:8.1f} ms/step  (round medians: {per_round(0)})")

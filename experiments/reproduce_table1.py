@@ -9,6 +9,10 @@ best-validation checkpoint. Writes under ``experiments/results/<pair>/<profile>/
 - ``figure2.png``: the best λ(t) of each N on one plot, the early-stopped step of each dashed;
 - ``runs.csv``: every finished run (the rows the table is made from), ``best_params.json``.
 
+A profile's ``smooth_search`` / ``multitask_search`` choose the search (``smooth_tpe`` and
+``multitask_tpe`` by default; ``smooth_asha`` / ``multitask_asha``: the multi-fidelity search of
+issue 13, each trial's ω climbing run lengths T/8 ... T by successive halving).
+
 Resumable: a finished run (its ``metrics.json``) is never run again, and the TPE searches keep
 their trials in ``<work>/studies.db`` (SQLite), so a killed reproduction started again picks up
 where it stopped. ``make reproduce-table1 EXPERIMENT=digits PROFILE=quick`` calls this.
@@ -225,6 +229,7 @@ def main() -> None:
                 extra += (profile.get("size_overrides") or {}).get(size, {}).get(method, [])
                 if method in SEARCHES:
                     search, budget = SEARCHES[method]
+                    search = profile.get(f"{method}_search", search)  # e.g. smooth_asha
                     key = f"{method}/n{size}"
                     if key not in best_params:
                         best_params[key] = run_search(

@@ -1,4 +1,4 @@
-"""One GPU per run when several runs share a machine.
+"""One GPU per run when several runs share a machine, or k runs per GPU (``trials_per_device``).
 
 Hydra's parallel launchers (joblib on one machine) start k trials at once; each must train on its
 own GPU. Instead of deriving the GPU from the job number (which collides as soon as batches and
@@ -13,7 +13,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,45 +43,69 @@ def claim_device(
     lock_dir: str | Path,
     poll_seconds: float = 1.0,
     names: list[str] | None = None,
+    trials_per_device: int = 1,
+    free_memory: Callable[[int], float] | None = None,
+    min_free_bytes: float = 0.0,
 ) -> Iterator[int]:
-    """Hold one of ``num_devices`` device slots (waiting until one is free); yield its index.
+    """Hold one of ``num_devices × trials_per_device`` device slots (waiting until one is free);
+    yield its device index.
 
-    ``names`` (one per device) name the lock files; by default the indices.
+    ``names`` (one per device) name the lock files; by default the indices. Slots are filled
+    across devices first (every device's first slot, then the second ones), so k trials on k GPUs
+    never share one. A device's second and later slots are taken only while ``free_memory(index)``
+    (bytes; ``torch.cuda.mem_get_info`` in a run) is at least ``min_free_bytes``: a trial that
+    would not fit waits for a slot instead of running out of memory.
     """
     if num_devices < 1:
         raise ValueError(f"num_devices={num_devices} is not allowed: it must be >= 1")
+    if trials_per_device < 1:
+        raise ValueError(
+            f"device_pool.trials_per_device={trials_per_device} is not allowed: it must be >= 1"
+        )
     names = names or [str(i) for i in range(num_devices)]
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
-        for index in range(num_devices):
-            handle = open(lock_dir / f"device{names[index]}.lock", "a+")  # noqa: SIM115 (held while yielding)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            try:
-                log.info("using device %d (lock %s)", index, handle.name)
-                yield index
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
-            return
+        for slot in range(trials_per_device):
+            for index in range(num_devices):
+                if slot > 0 and free_memory is not None and free_memory(index) < min_free_bytes:
+                    continue
+                suffix = f".slot{slot}" if slot else ""  # slot 0 keeps the one-trial file name
+                handle = open(lock_dir / f"device{names[index]}{suffix}.lock", "a+")  # noqa: SIM115 (held while yielding)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                try:
+                    log.info("using device %d, slot %d (lock %s)", index, slot, handle.name)
+                    yield index
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    handle.close()
+                return
         if not waited:
-            log.info("all %d devices are in use; waiting for one to be free", num_devices)
+            log.info(
+                "all %d x %d device slots are in use; waiting for one to be free",
+                num_devices,
+                trials_per_device,
+            )
             waited = True
         time.sleep(poll_seconds)
 
 
 def wants_device_pool(
-    accelerator: str, devices: object, cuda_devices: int, enabled: object
+    accelerator: str,
+    devices: object,
+    cuda_devices: int,
+    enabled: object,
+    trials_per_device: int = 1,
 ) -> bool:
-    """Whether a run should claim one GPU from the pool.
+    """Whether a run should claim one GPU slot from the pool.
 
     ``enabled`` is ``true``, ``false`` or ``auto`` (a single-device run on a machine with more than
-    one CUDA device).
+    one CUDA device, or with one when several trials share a device).
     """
     if enabled is False or str(enabled).lower() == "false":
         return False
@@ -89,7 +113,7 @@ def wants_device_pool(
     on_gpu = str(accelerator).lower() in ("auto", "gpu", "cuda")
     if enabled is True or str(enabled).lower() == "true":
         return single and on_gpu and cuda_devices >= 1
-    return single and on_gpu and cuda_devices > 1
+    return single and on_gpu and (cuda_devices > 1 or (cuda_devices == 1 and trials_per_device > 1))
 
 
 def training_device(cfg: Any, trainer_overrides: dict[str, Any]) -> torch.device:

@@ -6,7 +6,8 @@ deprecated ``LeafSpec``; and two warnings describe choices this project makes on
 log interval longer than a tiny epoch (small N, steps are logged by ``log_every_n_steps``), and
 SMILE's mean teacher, frozen in eval mode. Neither library offers a switch for these (they are
 ``rank_zero_info`` lines and ``warnings.warn`` calls), so a logging filter and warning filters
-drop them; the banner is kept once per process. Everything else Lightning says is kept.
+drop them; the banner and the fast mode's "Using bfloat16 Automatic Mixed Precision" are kept
+once per process. Everything else Lightning says is kept.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ class _LightningNoise(logging.Filter):
         message = record.getMessage()
         if message.startswith("💡 Tip"):
             return False
-        if message.startswith(("GPU available", "TPU available", "HPU available")):
+        if message.startswith("`Trainer(val_check_interval=1)` was configured"):
+            return False  # a short run (run_fraction) of an epoch-per-step stage
+        if message.startswith(
+            ("GPU available", "TPU available", "HPU available", "Using bfloat16")
+        ):
             if message in self.seen_banners:
                 return False
             self.seen_banners.add(message)

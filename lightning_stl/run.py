@@ -45,6 +45,7 @@ from lightning_stl.settings_check import (
     check_run_settings,
     check_strategy_fits_mode,
 )
+from lightning_stl.speed import compile_models, speed_settings, to_channels_last
 from lightning_stl.stages import (
     STAGE_FILE,
     Stage,
@@ -66,15 +67,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return cross_validate(cfg, train)
     pool = cfg.get("device_pool") or {}
     cuda = torch.cuda.device_count()
+    per_device = pool.get("trials_per_device", 1)
     if not wants_device_pool(
         cfg.trainer.get("accelerator", "auto"),
         cfg.trainer.get("devices", 1),
         cuda,
         pool.get("enabled", "auto"),
+        per_device,
     ):
         return train_on(cfg, {})
-    lock_dir = pool.get("lock_dir", "/tmp/lightning_stl_device_locks")
-    with claim_device(cuda, lock_dir, names=physical_device_names(cuda)) as index:
+    with claim_device(
+        cuda,
+        pool.get("lock_dir", "/tmp/lightning_stl_device_locks"),
+        names=physical_device_names(cuda),
+        trials_per_device=per_device,
+        free_memory=lambda index: torch.cuda.mem_get_info(index)[0],
+        min_free_bytes=float(pool.get("min_free_memory_gb", 0.0)) * 2**30,
+    ) as index:
         return train_on(cfg, {"accelerator": "gpu", "devices": [index]})
 
 
@@ -84,7 +93,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     Returns the contents of ``metrics.json``. ``objective`` is the best validation accuracy, or
     ``cfg.failure_value`` when the training loss stopped being finite (status ``diverged``).
     """
-    started, started_at = time.perf_counter(), time.time()
+    started, started_at, cpu_started = time.perf_counter(), time.time(), time.process_time()
     quiet_library_noise()
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
@@ -94,6 +103,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         check_writable(run_dir / "checkpoints", "checkpoint folder", "hydra.run.dir=...")
     stages = [Stage.from_config(conf) for conf in cfg.method.stages]
     check_same_run(run_dir, cfg)
+    device = training_device(cfg, trainer_overrides)
+    speed = speed_settings(cfg, device)
+    trainer_overrides = {**trainer_overrides, "precision": speed["precision"]}
     if not stages[-1].trains_target:
         raise ValueError(f"method {cfg.method.name!r} must end with a stage that trains the target")
     datamodule: SourceTargetDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -106,7 +118,11 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     for stage in stages:
         check_reaches_target(stage, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
-    module = build_module(cfg, datamodule, training_device(cfg, trainer_overrides))
+    module = build_module(cfg, datamodule, device)
+    if speed["channels_last"]:
+        to_channels_last(module)
+    if speed["compile"]:
+        compile_models(module, cfg.speed.get("compile_cache_dir"))
 
     summaries: list[dict[str, Any]] = []
     finished = [(run_dir / "checkpoints" / s.name / STAGE_FILE).exists() for s in stages]
@@ -139,7 +155,8 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
         tested=best_path,
         has_validation=has_validation,
         device=str(trainer_overrides.get("devices", cfg.trainer.get("accelerator"))),
-        started=(started, started_at),
+        started=(started, started_at, cpu_started),
+        speed=speed,
     )
 
 

@@ -130,12 +130,15 @@ def report_run(
     tested: str | None,
     has_validation: bool,
     device: str,
-    started: tuple[float, float],
+    started: tuple[float, ...],
+    speed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``metrics.json`` and the run's figures from its stage summaries, and the run's last line.
 
     ``tested`` is the checkpoint whose ``test_acc`` was measured (``None``: none, the run
-    diverged); ``started`` is ``(time.perf_counter(), time.time())`` at the run's start.
+    diverged); ``started`` is ``(time.perf_counter(), time.time(), time.process_time())`` at the run's
+    start;
+    ``speed`` what :func:`lightning_stl.speed.speed_settings` decided.
     Returns the contents of ``metrics.json``.
     """
     final = summaries[-1]
@@ -168,10 +171,14 @@ def report_run(
         **datamodule.describe(),
         "stages": [{k: v for k, v in s.items() if k != "target_weight"} for s in summaries],
         "device": device,
+        "speed": speed or {},
+        "run_fraction": float(cfg.get("run_fraction", 1.0)),
         "pid": os.getpid(),
         "started_at": started[1],
         "ended_at": time.time(),
         "wall_time_s": time.perf_counter() - started[0],
+        # CPU-seconds of every thread of this process (what a search on shared cores spends)
+        "cpu_time_s": time.process_time() - started[2] if len(started) > 2 else None,
     }
     outcome = f"test acc {test_acc:.3f}" if test_acc is not None else status
     _write_run_files(

@@ -2,7 +2,7 @@
 
 The data, model, optimiser and callbacks check their own arguments when Hydra instantiates
 them; what is checked here belongs to no class: the seed, the run length (``epochs.*``,
-``steps.*``), ``torch_threads``, ``val_every_n_steps``, ``failure_value``, the trainer keys that
+``steps.*``), ``torch_threads``, ``val_every_n_steps``, ``run_fraction``, ``failure_value``, the trainer keys that
 the project sets itself, and keys that nothing reads (a misspelt ``+method.`` key, the
 ``regularizer`` group selected on its own). Each failure is one ``ValueError`` that names the
 setting, its value and what is allowed (:mod:`lightning_stl.errors`).
@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig
 
 from lightning_stl.checks import integer
+from lightning_stl.run_fraction import check_run_fraction
 
 #: Trainer arguments that each stage sets from the project's own settings.
 TRAINER_KEYS_SET_BY_STAGES = {
@@ -47,6 +48,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         _integer(cfg.steps, name, f"steps.{name}", low=1, null=True, also="null")
     _integer(cfg, "torch_threads", low=1, null=True, also="null (torch's default)")
     _integer(cfg, "val_every_n_steps", low=1, null=True, also="null (every epoch)")
+    if "run_fraction" in cfg:
+        check_run_fraction(cfg.run_fraction)
     value = cfg.get("failure_value", 0.0)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(

@@ -32,6 +32,7 @@ from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.errors import parameters_of, unexpected_keyword
 from lightning_stl.instantiators import instantiate_group
 from lightning_stl.run_files import _float, _write_json
+from lightning_stl.run_fraction import shorten
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ def run_stage(
         extra.update(max_epochs=-1, max_steps=stage.max_steps)
     else:
         extra.update(max_epochs=stage.epochs)
+    fraction = float(cfg.get("run_fraction", 1.0))
+    if fraction < 1.0:
+        extra.update(_shortened(cfg, stage, datamodule, extra, fraction))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[
@@ -285,6 +289,30 @@ def run_stage(
         summary["best_step"] = int(header["global_step"])
     _write_json(done, {**summary, **_stage_paths(summary, run_dir, relative=True)})
     return summary
+
+
+def _shortened(
+    cfg: DictConfig,
+    stage: Stage,
+    datamodule: SourceTargetDataModule,
+    extra: dict[str, Any],
+    fraction: float,
+) -> dict[str, Any]:
+    """The Trainer arguments of ``stage`` at ``run_fraction`` < 1 (:mod:`run_fraction`): about
+    f·T steps, validated as many times as the full stage, at the same relative steps."""
+    per_epoch = datamodule.steps_per_epoch()
+    total = stage.max_steps or stage.epochs * per_epoch
+    interval = None
+    if stage.validates:
+        every = extra.get("check_val_every_n_epoch", cfg.trainer.get("check_val_every_n_epoch"))
+        interval = per_epoch * int(every or 1)
+    short = shorten(total, interval, fraction)
+    arguments: dict[str, Any] = {"max_epochs": -1, "max_steps": short.max_steps}
+    if short.val_check_interval is not None:
+        # validate every v' optimiser steps across epochs (Lightning: an int interval with
+        # check_val_every_n_epoch=None), not at epoch ends
+        arguments.update(val_check_interval=short.val_check_interval, check_val_every_n_epoch=None)
+    return arguments
 
 
 _PATH_KEYS = ("last_model_path", "best_model_path")

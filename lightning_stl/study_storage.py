@@ -14,7 +14,11 @@ import sqlalchemy
 
 
 def open_study(
-    storage: str | None, study_name: str | None, sampler: Any, directions: list[Any]
+    storage: str | None,
+    study_name: str | None,
+    sampler: Any,
+    directions: list[Any],
+    pruner: Any | None = None,
 ) -> optuna.Study:
     """Create or load the study, one process at a time per SQLite file (see
     :func:`_sqlite_setup_lock`); SQLite connections wait up to 120 s for the file's lock."""
@@ -32,6 +36,7 @@ def open_study(
                 study_name=study_name,
                 storage=storage,
                 sampler=sampler,
+                pruner=pruner or optuna.pruners.NopPruner(),  # Optuna's default: median
                 directions=directions,
                 load_if_exists=True,
             )

@@ -50,6 +50,7 @@ from optuna.trial import TrialState
 from lightning_stl.reporting.sweep_report import write_report
 from lightning_stl.search_space import SearchSpace, parse_search_space, suggest
 from lightning_stl.study_storage import open_study
+from lightning_stl.sweep_rungs import Rungs, climbing
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class DurableOptunaSweeper(Sweeper):
         params: DictConfig | None,
         worker: str = "0",
         failure_value: float = 0.0,
+        pruner: Any | None = None,
+        fidelity: Any | None = None,
     ) -> None:
         if n_trials < 1 or n_jobs < 1:
             raise ValueError(
@@ -98,6 +101,13 @@ class DurableOptunaSweeper(Sweeper):
         self.params = params
         self.worker = str(worker)
         self.failure_value = float(failure_value)
+        self.pruner = pruner
+        self.rungs = Rungs.from_config(fidelity)
+        if self.rungs is not None and pruner is None:
+            raise ValueError(
+                "hydra.sweeper.fidelity without a pruner: set hydra/sweeper/pruner="
+                "successive_halving (or hyperband), which decides who climbs the rungs"
+            )
         self.config: DictConfig | None = None
         self.launcher: Any = None
         self.job_idx = 0
@@ -129,6 +139,13 @@ class DurableOptunaSweeper(Sweeper):
         if overlap:
             raise ValueError(f"parameters both searched and fixed: {', '.join(overlap)}")
         return space.overrides(dict(trial.params))
+
+    def _new_trial(self, study: optuna.Study) -> optuna.Trial:
+        trial = study.ask()
+        trial.set_user_attr(WORKER_ATTR, self.worker)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        return trial
 
     # ------------------------------------------------------------------ helpers
     def _mine(self, trial: optuna.trial.FrozenTrial) -> bool:
@@ -165,8 +182,9 @@ class DurableOptunaSweeper(Sweeper):
                     trial.params,
                 )
                 study.tell(trial.number, state=TrialState.FAIL)
-                # a trial killed while its parameters were drawn was never launched
-                if trial.params and trial.user_attrs.get(STATUS_ATTR) == LAUNCHED:
+                # a trial killed while its parameters were drawn was never launched; one killed
+                # between two rungs (status of its last rung) climbs again from its folders
+                if trial.params and trial.user_attrs.get(STATUS_ATTR) is not None:
                     study.enqueue_trial(trial.params)
                     self.rerun_folders[_params_key(trial.params)] = trial.number
             elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) not in (
@@ -230,7 +248,7 @@ class DurableOptunaSweeper(Sweeper):
         if len(directions) != 1:
             raise ValueError(f"this sweeper optimises one objective, got directions {directions}")
 
-        study = open_study(self.storage, self.study_name, self.sampler, directions)
+        study = open_study(self.storage, self.study_name, self.sampler, directions, self.pruner)
         done = self._recover(study)
         if done:
             # A seeded sampler started again would propose the parameters it proposed before.
@@ -249,29 +267,36 @@ class DurableOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         finished, failed = 0, []  # this sweep's trials: the failure rate is judged over all
-        while to_go > 0:
-            batch = min(to_go, self.n_jobs)
-            trials = [study.ask() for _ in range(batch)]
-            for trial in trials:
-                trial.set_user_attr(WORKER_ATTR, self.worker)
-                trial.set_user_attr("host", socket.gethostname())
-                trial.set_user_attr("pid", os.getpid())
+        climbers: list[tuple[optuna.Trial, int]] = []  # trials promoted to their next rung
+        drawn: dict[int, list[str]] = {}  # a trial's overrides, drawn once for all its rungs
+        while to_go > 0 or climbers:
+            batch, climbers = climbers[: self.n_jobs], climbers[self.n_jobs :]
+            while len(batch) < self.n_jobs and to_go > 0:
+                batch.append((self._new_trial(study), 0))
+                to_go -= 1
+            for trial, _ in batch:
+                if trial.number not in drawn:
+                    folder = self.rerun_folders.pop(_params_key(trial.params), trial.number)
+                    drawn[trial.number] = [
+                        *self._trial_overrides(trial, space),
+                        f"+optuna_trial={folder}",
+                    ]
             overrides = [
-                (
-                    *self._trial_overrides(t, space),
-                    f"+optuna_trial={self.rerun_folders.pop(_params_key(t.params), t.number)}",
-                )
-                for t in trials
+                (*drawn[t.number], *([self.rungs.override(r)] if self.rungs else []))
+                for t, r in batch
             ]
-            for trial in trials:  # every parameter drawn: from here a kill re-runs them
+            for trial, _ in batch:  # every parameter drawn: from here a kill re-runs them
                 trial.set_user_attr(STATUS_ATTR, LAUNCHED)
             started = time.time()
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             failures: list[Exception] = []
-            for trial, ret in zip(trials, returns, strict=True):
+            reported: list[optuna.Trial] = []
+            for (trial, rung), ret in zip(batch, returns, strict=True):
                 value, attrs, error = self._outcome(ret)
                 attrs.setdefault("wall_time_s", time.time() - started)
+                if self.rungs is not None:
+                    attrs["rung"], attrs["run_fraction"] = rung, self.rungs.fractions[rung]
                 for key, item in attrs.items():
                     trial.set_user_attr(key, item)
                 if error is not None:
@@ -284,6 +309,7 @@ class DurableOptunaSweeper(Sweeper):
                     )
                     study.tell(trial, state=TrialState.FAIL)
                     failures.append(error)
+                    finished += 1
                     continue
                 if attrs[STATUS_ATTR] != "ok":
                     log.warning(
@@ -293,13 +319,25 @@ class DurableOptunaSweeper(Sweeper):
                         attrs[STATUS_ATTR],
                         value,
                     )
+                if self.rungs is not None and not self.rungs.is_last(rung):
+                    trial.report(value, self.rungs.resource(rung))
+                    reported.append(trial)
+                    continue
                 study.tell(trial, value)
+                finished += 1
+            rung_of = {t.number: r for t, r in batch}
+            promoted = set()
+            for trial in climbing(reported):
+                promoted.add(trial.number)
+                climbers.append((trial, rung_of[trial.number] + 1))
+            for trial in reported:
+                if trial.number not in promoted:
+                    study.tell(trial, state=TrialState.PRUNED)
+                    finished += 1
             write_report(study, sweep_dir, directions[0])
-            finished += len(returns)
             failed.extend(failures)
             if too_many_failures(len(failed), finished, self.max_failure_rate, final=False):
                 self._stop_for_failures(failed, finished)
-            to_go -= batch
 
         write_report(study, sweep_dir, directions[0])
         if too_many_failures(len(failed), finished, self.max_failure_rate, final=True):

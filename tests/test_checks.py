@@ -68,3 +68,18 @@ def test_choices_and_flags():
             ValueError, match=rf"f={bad!r} is not allowed: it must be true or false"
         ):
             flag("f", bad)
+
+
+def test_the_paired_difference_is_the_paired_t_interval():
+    """Differences 1, 2, 3, 6: mean 3, sd √(14/3), t_{3, 0.975} = 3.182446305284263."""
+    import math
+
+    from lightning_stl.reporting.tables import paired_difference
+
+    mean, low, high, n = paired_difference([10, 10, 10, 10], [11, 12, 13, 16])
+    half = 3.182446305284263 * math.sqrt(14 / 3) / 2
+    assert n == 4 and mean == 3
+    assert low == pytest.approx(3 - half) and high == pytest.approx(3 + half)
+    assert paired_difference([1.0], [2.0])[1:3] == (-math.inf, math.inf)
+    with pytest.raises(ValueError, match="as many"):
+        paired_difference([1.0], [1.0, 2.0])

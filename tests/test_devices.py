@@ -84,3 +84,46 @@ def test_locks_are_named_by_physical_gpu(monkeypatch, tmp_path):
     assert physical_device_names(2) == ["0", "1"]
     with claim_device(2, tmp_path, names=["3", "5"]) as index:
         assert index == 0 and (tmp_path / "device3.lock").exists()
+
+
+def test_trials_per_device_fills_every_device_before_sharing_one(tmp_path):
+    with (
+        claim_device(2, tmp_path, trials_per_device=2) as a,
+        claim_device(2, tmp_path, trials_per_device=2) as b,
+        claim_device(2, tmp_path, trials_per_device=2) as c,
+        claim_device(2, tmp_path, trials_per_device=2) as d,
+    ):
+        assert (a, b) in ((0, 1), (1, 0)) and sorted([a, b, c, d]) == [0, 0, 1, 1]
+
+
+def test_a_shared_slot_waits_while_the_device_lacks_free_memory(tmp_path):
+    import threading
+
+    free = {"bytes": 1 * 2**30}
+    claimed = threading.Event()
+
+    def second():
+        with claim_device(
+            1, tmp_path, 0.02, trials_per_device=2, free_memory=lambda i: free["bytes"],
+            min_free_bytes=4 * 2**30,
+        ):  # fmt: skip
+            claimed.set()
+
+    with claim_device(1, tmp_path, trials_per_device=2) as first:
+        assert first == 0
+        thread = threading.Thread(target=second, daemon=True)
+        thread.start()
+        assert not claimed.wait(0.4)  # 1 GiB free < 4 GiB: the second slot is not taken
+        free["bytes"] = 8 * 2**30
+        assert claimed.wait(5)  # enough memory: it shares the device with the first
+    thread.join(5)
+
+
+def test_one_gpu_shared_by_several_trials_uses_the_pool():
+    assert wants_device_pool("auto", 1, 1, "auto", trials_per_device=2)
+    assert not wants_device_pool("auto", 1, 1, "auto", trials_per_device=1)
+    with (
+        pytest.raises(ValueError, match="trials_per_device=0 is not allowed"),
+        claim_device(1, "/tmp", trials_per_device=0),
+    ):
+        pass

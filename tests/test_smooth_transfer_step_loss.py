@@ -83,8 +83,10 @@ def test_each_step_loss_is_eq3_with_the_logged_target_weight(make_cfg, monkeypat
     monkeypatch.setattr(
         stages_module, "stage_callbacks", lambda *args: [*original(*args), recorder], raising=True
     )
-    # no dropout: the hand forward must see the network the step saw
-    cfg = make_cfg(*overrides, "backbone.options.drop_rate=0.0", "batchnorm=shared")
+    # no dropout: the hand forward must see the network the step saw; float32, as the hand one
+    cfg = make_cfg(
+        *overrides, "backbone.options.drop_rate=0.0", "batchnorm=shared", "speed.fast_mode=false"
+    )
     metrics = train(cfg)
     weights = logged_weights(Path(cfg.paths.output_dir))
     assert sorted(recorder.steps) == sorted(weights) == list(range(1, metrics["total_steps"] + 1))

@@ -1,5 +1,7 @@
 """Registers ``hydra/sweeper=durable_optuna`` (:class:`lightning_stl.sweeper.DurableOptunaSweeper`)
-and its samplers ``hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii``.
+its samplers ``hydra/sweeper/sampler=tpe|random|cmaes|gp|qmc|nsgaii`` and its pruners
+``hydra/sweeper/pruner=successive_halving|hyperband`` (with ``hydra.sweeper.fidelity``: the
+multi-fidelity search of :mod:`lightning_stl.sweep_rungs`).
 
 Hydra imports every module of the ``hydra_plugins`` namespace package at start-up, which stores
 these configs in Hydra's ConfigStore. The schema is hydra-optuna-sweeper's (``sampler``,
@@ -78,9 +80,50 @@ class NSGAIISamplerConfig(SamplerConfig):
 
 
 @dataclass
+class PrunerConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class SuccessiveHalvingPrunerConfig(PrunerConfig):
+    """optuna.pruners.SuccessiveHalvingPruner (asynchronous successive halving): a trial climbs
+    from rung k (step min_resource · η^k) if it is in the best 1/η there."""
+
+    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
+    min_resource: Any = 1
+    reduction_factor: int = 2
+    min_early_stopping_rate: int = 0
+    bootstrap_count: int = 0
+
+
+@dataclass
+class HyperbandPrunerConfig(PrunerConfig):
+    """optuna.pruners.HyperbandPruner: several successive-halving brackets of different
+    aggressiveness; TPE models each bracket's trials apart."""
+
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1
+    max_resource: Any = "auto"
+    reduction_factor: int = 3
+    bootstrap_count: int = 0
+
+
+@dataclass
+class FidelityConfig:
+    """A trial's runs of growing length (lightning_stl/sweep_rungs.py): ``key`` is set to each of
+    ``rungs`` in turn (fractions of the run length, the last 1.0) while the pruner promotes it."""
+
+    key: str = "run_fraction"
+    rungs: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+
+
+@dataclass
 class DurableOptunaSweeperConf:
     _target_: str = "hydra_plugins.lightning_stl_sweeper.durable_optuna.DurableOptunaSweeper"
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    # _self_ first: the sampler and pruner chosen in the groups win over the fields below
+    defaults: list[Any] = field(
+        default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": None}]
+    )
     sampler: SamplerConfig = MISSING
     direction: Any = "minimize"
     # sqlite:///path.db, postgresql://..., or journal:///path.log (Optuna's JournalStorage)
@@ -95,6 +138,9 @@ class DurableOptunaSweeperConf:
     worker: str = "0"
     # Value recorded for a trial that returns NaN or inf (the worst accuracy).
     failure_value: float = 0.0
+    # Multi-fidelity: hydra/sweeper/pruner=successive_halving|hyperband and a fidelity (rungs).
+    pruner: PrunerConfig | None = None
+    fidelity: FidelityConfig | None = None
 
 
 _store = ConfigStore.instance()
@@ -113,3 +159,8 @@ for _name, _node in {
     "nsgaii": NSGAIISamplerConfig,
 }.items():
     _store.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="lightning_stl")
+for _name, _node in {
+    "successive_halving": SuccessiveHalvingPrunerConfig,
+    "hyperband": HyperbandPrunerConfig,
+}.items():
+    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="lightning_stl")

@@ -132,3 +132,9 @@ class Regularizer(nn.Module):
 
     def forward(self, step: FineTuneStep) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is a half-precision one (bf16 autocast), else unchanged
+    (float64 stays float64): losses sum many terms and need float32's digits."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor

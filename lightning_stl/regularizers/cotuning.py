@@ -57,7 +57,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_stl.checks import choice, number
-from lightning_stl.regularizers.base import FineTuneSetup, FineTuneStep, Regularizer
+from lightning_stl.regularizers.base import (
+    FineTuneSetup,
+    FineTuneStep,
+    Regularizer,
+    at_least_float32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,5 +317,7 @@ class CoTuning(Regularizer):
         soft_labels = self.relationship[step.labels]
         if step.pairs is not None:
             soft_labels = step.pairs.mix(soft_labels)
-        loss = -(soft_labels * F.log_softmax(source_logits, dim=1)).sum(dim=1).mean()
+        loss = (
+            -(soft_labels * F.log_softmax(at_least_float32(source_logits), dim=1)).sum(dim=1).mean()
+        )
         return self.trade_off * loss

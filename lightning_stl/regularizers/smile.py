@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_stl.checks import choice
+from lightning_stl.regularizers.base import at_least_float32
 from lightning_stl.regularizers.mixup import MixupPairs
 
 FORMS = ("paper", "official")
@@ -70,7 +71,8 @@ class FeatureMixupLoss(nn.Module):
                 f"student and teacher features differ in shape: {tuple(student.shape)} vs "
                 f"{tuple(teacher.shape)}"
             )
-        expected = pairs.mix(teacher.detach())
+        # float32 under bf16 autocast too: the squared distance sums hundreds of features
+        student, expected = at_least_float32(student), pairs.mix(at_least_float32(teacher.detach()))
         if self.form == "official":
             if student.ndim != 4:
                 raise ValueError(
@@ -101,6 +103,8 @@ class LabelMixupLoss(nn.Module):
                 f"student and teacher source-class outputs differ in shape: "
                 f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
             )
+        # float32 under bf16 autocast too: a softmax over 1,000 classes and its sum need the digits
+        student_logits, teacher_logits = map(at_least_float32, (student_logits, teacher_logits))
         expected = pairs.mix(teacher_logits.detach().softmax(dim=1))
         if self.form == "official":
             return -(expected * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()

@@ -1,4 +1,5 @@
-"""Result tables: test accuracy as mean ± std over seeds, Markdown tables and CSV files.
+"""Result tables: test accuracy as mean ± std over seeds, paired differences with their confidence
+intervals, Markdown tables and CSV files.
 
 Shared by the reproductions (``experiments/reproduce_table1.py``, ``reproduce_smile.py``,
 ``transfer_gap.py``) and ``python -m lightning_stl.interpolation``.
@@ -7,6 +8,7 @@ Shared by the reproductions (``experiments/reproduce_table1.py``, ``reproduce_sm
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +22,24 @@ def mean_std(values: Sequence[float]) -> Stat:
     """Mean, sample standard deviation (0 for a single value) and count of ``values``."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return statistics.mean(values), std, len(values)
+
+
+def paired_difference(
+    first: Sequence[float], second: Sequence[float], level: float = 0.95
+) -> tuple[float, float, float, int]:
+    """The mean of ``second[i] - first[i]`` and its paired-t confidence interval at ``level``:
+    ``(mean, low, high, n)``, from the pairs' differences d: mean(d) ± t_{n-1} · sd(d) / √n.
+    One pair gives an interval of ±inf."""
+    from scipy.stats import t as student_t
+
+    if len(first) != len(second) or not first:
+        raise ValueError(f"paired values must be as many, got {len(first)} and {len(second)}")
+    differences = [b - a for a, b in zip(first, second, strict=True)]
+    mean, sd, n = mean_std(differences)
+    if n < 2:
+        return mean, -math.inf, math.inf, n
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, n
 
 
 def accuracy_stats(rows: Sequence[Mapping[str, Any]], **where: Any) -> Stat | None:
