@@ -114,6 +114,7 @@ def pretrain_on_source(cfg: DictConfig, datamodule: SourceTargetDataModule) -> P
             pre_cfg.seed = int(pretraining.seed)
             pre_cfg.paths.output_dir = str(folder)
             pre_cfg.method.callbacks = None
+            pre_cfg.run_fraction = 1.0  # the cached source model is the same for every fidelity
         L.seed_everything(pre_cfg.seed, workers=True, verbose=False)
         module = build_smooth_transfer(pre_cfg, datamodule, pretraining.get("optimizer"))
         summary = run_stage(pre_cfg, stage, 0, module, datamodule, folder, {})

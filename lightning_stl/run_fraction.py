@@ -11,6 +11,7 @@ rank ω).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lightning_stl.checks import number
@@ -34,17 +35,24 @@ class ShortenedStage:
 
 
 def shorten(total_steps: int, val_interval: int | None, fraction: float) -> ShortenedStage:
-    """The stage of ``total_steps`` steps, validated every ``val_interval`` steps (``None``: it
-    does not validate), at ``fraction`` of its length.
+    """The stage of ``total_steps`` optimiser steps T, validated every ``val_interval`` steps v
+    (``None``: it does not validate), at ``fraction`` f of its length.
 
-    The validations keep their number and their relative times: the interval becomes
-    ``v' = max(1, round(f·v))`` and the stage ``n·v'`` steps for the full run's ``n = T / v``
-    validations (rounded), so the last validation falls on the last step as it does at full length.
-    Where v' is already one step (an epoch of one batch), the run still shortens to ``round(f·T)``
-    steps and validates after every step.
+    The validations keep their number ``n = round(T / v)`` and so their relative times k/n: the
+    interval becomes ``v' = round(f·T / n)`` (half up) and the stage ``n·v'`` steps, so the last
+    validation falls on the last step as it does at full length. Where f·T/n is under one step
+    (an epoch of one batch), the stage is ``round(f·T)`` steps validated after every step.
     """
     if val_interval is None:
-        return ShortenedStage(max(1, round(fraction * total_steps)), None)
-    interval = max(1, round(fraction * val_interval))
-    validations = max(1, round(fraction * total_steps / interval))
+        return ShortenedStage(max(1, _half_up(fraction * total_steps)), None)
+    validations = max(1, _half_up(total_steps / val_interval))
+    per_validation = fraction * total_steps / validations
+    if per_validation < 1:
+        return ShortenedStage(max(1, _half_up(fraction * total_steps)), 1)
+    interval = _half_up(per_validation)
     return ShortenedStage(interval * validations, interval)
+
+
+def _half_up(value: float) -> int:
+    """``value`` rounded half up (Python's ``round`` rounds half to even: 2.5 -> 2)."""
+    return math.floor(value + 0.5)

@@ -299,19 +299,33 @@ def _shortened(
     fraction: float,
 ) -> dict[str, Any]:
     """The Trainer arguments of ``stage`` at ``run_fraction`` < 1 (:mod:`run_fraction`): about
-    f·T steps, validated as many times as the full stage, at the same relative steps."""
-    per_epoch = datamodule.steps_per_epoch()
+    f·T optimiser steps, validated as many times as the full stage, at the same relative steps.
+
+    T and the validation interval are counted in optimiser steps (``max_steps`` is), so under
+    ``trainer.accumulate_grad_batches=k`` an epoch of b batches is ⌈b/k⌉ steps and the shortened
+    interval v' steps is v'·k batches (Lightning's integer ``val_check_interval`` counts batches).
+    """
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    per_epoch = math.ceil(datamodule.steps_per_epoch() / accumulate)  # optimiser steps
     total = stage.max_steps or stage.epochs * per_epoch
     interval = None
     if stage.validates:
         every = extra.get("check_val_every_n_epoch", cfg.trainer.get("check_val_every_n_epoch"))
-        interval = per_epoch * int(every or 1)
+        within = cfg.trainer.get("val_check_interval")
+        if isinstance(within, int) and not isinstance(within, bool):  # batches
+            interval = max(1, within // accumulate)
+        elif isinstance(within, float) and within < 1 and every in (None, 1):  # of an epoch
+            interval = max(1, round(within * per_epoch))
+        else:
+            interval = per_epoch * int(every or 1)
     short = shorten(total, interval, fraction)
     arguments: dict[str, Any] = {"max_epochs": -1, "max_steps": short.max_steps}
     if short.val_check_interval is not None:
         # validate every v' optimiser steps across epochs (Lightning: an int interval with
         # check_val_every_n_epoch=None), not at epoch ends
-        arguments.update(val_check_interval=short.val_check_interval, check_val_every_n_epoch=None)
+        arguments.update(
+            val_check_interval=short.val_check_interval * accumulate, check_val_every_n_epoch=None
+        )
     return arguments
 
 

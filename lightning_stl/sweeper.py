@@ -50,13 +50,18 @@ from optuna.trial import TrialState
 from lightning_stl.reporting.sweep_report import write_report
 from lightning_stl.search_space import SearchSpace, parse_search_space, suggest
 from lightning_stl.study_storage import open_study
+from lightning_stl.sweep_recovery import (
+    FOLDER_ATTR,
+    LAUNCHED,
+    STATUS_ATTR,
+    WORKER_ATTR,
+    Recovery,
+    params_key,
+    recover,
+)
 from lightning_stl.sweep_rungs import Rungs, climbing
 
 log = logging.getLogger(__name__)
-
-WORKER_ATTR = "sweep_worker"
-STATUS_ATTR = "status"
-LAUNCHED = "launched"
 
 
 class DurableOptunaSweeper(Sweeper):
@@ -114,6 +119,7 @@ class DurableOptunaSweeper(Sweeper):
         # parameters of trials a killed sweep left running -> their run folder's trial number, so
         # that the re-run resumes from the folder's last.ckpt instead of starting over
         self.rerun_folders: dict[str, int] = {}
+        self.recovery = Recovery()
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -152,47 +158,13 @@ class DurableOptunaSweeper(Sweeper):
         return trial.user_attrs.get(WORKER_ATTR) == self.worker
 
     def _recover(self, study: optuna.Study) -> int:
-        """Fail this worker's trials left running by a killed sweep and queue their parameters
-        again; return how many of this worker's trials have finished."""
-        finished = 0
-        for trial in study.get_trials(deepcopy=False):
-            if not self._mine(trial):
-                continue
-            if trial.state == TrialState.RUNNING:
-                host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
-                if host != socket.gethostname():
-                    log.warning(
-                        "trial %d of worker %r is running on %s: left alone (if that sweep is "
-                        "dead, mark the trial failed with optuna's API)",
-                        trial.number,
-                        self.worker,
-                        host,
-                    )
-                    continue
-                if pid is not None and _alive(int(pid)):
-                    raise RuntimeError(
-                        f"sweep worker name {self.worker!r} is in use by the live process {pid} "
-                        f"(trial {trial.number}); give every sweep process on a study its own "
-                        "hydra.sweeper.worker"
-                    )
-                log.warning(
-                    "trial %d (%s) was left running by an earlier sweep: marked failed, "
-                    "its parameters will be run again",
-                    trial.number,
-                    trial.params,
-                )
-                study.tell(trial.number, state=TrialState.FAIL)
-                # a trial killed while its parameters were drawn was never launched; one killed
-                # between two rungs (status of its last rung) climbs again from its folders
-                if trial.params and trial.user_attrs.get(STATUS_ATTR) is not None:
-                    study.enqueue_trial(trial.params)
-                    self.rerun_folders[_params_key(trial.params)] = trial.number
-            elif trial.state.is_finished() and trial.user_attrs.get(STATUS_ATTR) not in (
-                None,
-                LAUNCHED,
-            ):
-                finished += 1
-        return finished
+        """Take over this worker's trials left by a killed sweep
+        (:func:`lightning_stl.sweep_recovery.recover`); return how many have finished."""
+        self.recovery = recover(
+            study, self.worker, rungs=len(self.rungs.fractions) if self.rungs else None
+        )
+        self.rerun_folders.update(self.recovery.rerun_folders)
+        return self.recovery.finished
 
     def _stop_for_failures(self, failed: list[Exception], finished: int) -> None:
         log.error(
@@ -250,10 +222,11 @@ class DurableOptunaSweeper(Sweeper):
 
         study = open_study(self.storage, self.study_name, self.sampler, directions, self.pruner)
         done = self._recover(study)
-        if done:
+        if self.recovery.had_trials:
             # A seeded sampler started again would propose the parameters it proposed before.
             self.sampler.reseed_rng()
-        to_go = max(0, self.n_trials - done)
+        climbers: list[tuple[optuna.Trial, int]] = list(self.recovery.resumed)  # next rungs
+        to_go = max(0, self.n_trials - done - len(climbers))
         log.info(
             "study %r in %s, worker %r: %d of %d trials finished, %d to run, %d at a time",
             study.study_name,
@@ -267,7 +240,6 @@ class DurableOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         finished, failed = 0, []  # this sweep's trials: the failure rate is judged over all
-        climbers: list[tuple[optuna.Trial, int]] = []  # trials promoted to their next rung
         drawn: dict[int, list[str]] = {}  # a trial's overrides, drawn once for all its rungs
         while to_go > 0 or climbers:
             batch, climbers = climbers[: self.n_jobs], climbers[self.n_jobs :]
@@ -276,11 +248,11 @@ class DurableOptunaSweeper(Sweeper):
                 to_go -= 1
             for trial, _ in batch:
                 if trial.number not in drawn:
-                    folder = self.rerun_folders.pop(_params_key(trial.params), trial.number)
-                    drawn[trial.number] = [
-                        *self._trial_overrides(trial, space),
-                        f"+optuna_trial={folder}",
-                    ]
+                    overrides = self._trial_overrides(trial, space)  # params drawn: known now
+                    queued = self.rerun_folders.pop(params_key(trial.params), trial.number)
+                    folder = trial.user_attrs.get(FOLDER_ATTR, queued)
+                    trial.set_user_attr(FOLDER_ATTR, folder)
+                    drawn[trial.number] = [*overrides, f"+optuna_trial={folder}"]
             overrides = [
                 (*drawn[t.number], *([self.rungs.override(r)] if self.rungs else []))
                 for t, r in batch
@@ -319,10 +291,15 @@ class DurableOptunaSweeper(Sweeper):
                         attrs[STATUS_ATTR],
                         value,
                     )
-                if self.rungs is not None and not self.rungs.is_last(rung):
+                if self.rungs is not None:
                     trial.report(value, self.rungs.resource(rung))
-                    reported.append(trial)
-                    continue
+                    if not self.rungs.is_last(rung):
+                        if attrs[STATUS_ATTR] == "ok":
+                            reported.append(trial)
+                        else:  # a diverged run does not climb: its value is the failure value
+                            study.tell(trial, state=TrialState.PRUNED)
+                            finished += 1
+                        continue
                 study.tell(trial, value)
                 finished += 1
             rung_of = {t.number: r for t, r in batch}
@@ -373,18 +350,3 @@ def _raised(ret: JobReturn) -> Exception:
         except Exception as error:
             return error
     raise RuntimeError(f"job {ret.overrides} is marked failed but returned {value!r}")
-
-
-def _params_key(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

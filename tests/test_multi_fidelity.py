@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
@@ -31,15 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         (2370, 79, 0.125, 300, 10),  # the digits default: 30 validations of 10 steps
         (2370, 79, 0.25, 600, 20),
-        (2370, 79, 0.5, 1200, 40),  # round(39.5) = 40, round(1185 / 40) = 30
+        (2370, 79, 0.5, 1200, 40),  # 1185 / 30 = 39.5, rounded half up
         (200, 1, 0.125, 25, 1),  # an epoch of one step: validate every step
-        (
-            600,
-            10,
-            0.25,
-            150,
-            2,
-        ),  # SMILE: 600 iterations validated every 10 -> 60 of 2 (rounded 2.5)
+        (600, 10, 0.25, 180, 3),  # SMILE: 600 iterations validated every 10 -> 60 of 3 (2.5)
+        (100, 30, 0.5, 51, 17),  # 3 validations (100 / 30) of round(50 / 3) = 17 steps
         (2370, None, 0.125, 296, None),  # a stage without validation: round(296.25)
         (5, 5, 0.01, 1, 1),  # never below one step
     ],
@@ -77,16 +73,51 @@ def test_a_quarter_run_trains_a_quarter_of_T_with_the_same_relative_schedule(tmp
     full = train(compose_config(TINY, tmp_path / "full", data_dir))
     quarter = train(compose_config([*TINY, "run_fraction=0.25"], tmp_path / "quarter", data_dir))
     assert full["total_steps"] == 42 and validated_steps(tmp_path / "full") == list(range(7, 43, 7))
-    # shorten(42, 7, 0.25): validations every round(1.75) = 2 steps, round(10.5 / 2) = 5 of them
-    assert quarter["total_steps"] == 10 and quarter["run_fraction"] == 0.25
-    assert validated_steps(tmp_path / "quarter") == [2, 4, 6, 8, 10]
-    # λ(t) is the full run's curve compressed: Eq. 4 at t of T = 10
+    # shorten(42, 7, 0.25): the full run's 6 validations, every round(10.5 / 6) = 2 steps
+    assert quarter["total_steps"] == 12 and quarter["run_fraction"] == 0.25
+    assert validated_steps(tmp_path / "quarter") == [2, 4, 6, 8, 10, 12]
+    # λ(t) is the full run's curve compressed: Eq. 4 at t of T = 12
     schedule = SigmoidTargetWeight(t0=0.0, tau=0.1, alpha=0.0, relative=True)
     with (tmp_path / "quarter" / "target_weight.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
     for row in rows:
-        assert float(row["target_weight"]) == pytest.approx(schedule(int(row["step"]), 10))
+        assert float(row["target_weight"]) == pytest.approx(schedule(int(row["step"]), 12))
+
+
+def test_a_shortened_run_counts_optimiser_steps_under_gradient_accumulation(tmp_path, data_dir):
+    overrides = [*TINY, "data.source_options.num_images=384", "epochs.joint=8"]
+    overrides += ["+trainer.accumulate_grad_batches=2", "run_fraction=0.5"]
+    # 6 batches an epoch = 3 optimiser steps, T = 24 validated 8 times; half: 8 validations of
+    # round(12 / 8) = 2 steps (4 batches)
+    summary = train(compose_config(overrides, tmp_path, data_dir))
+    assert summary["total_steps"] == 16
+    assert validated_steps(tmp_path) == list(range(2, 17, 2))
+
+
+def test_a_short_run_reads_the_full_source_pretraining_it_shares_with_full_runs(tmp_path, data_dir):
+    """run_fraction shortens the run, never the cached source pre-training it starts from."""
+    smile = [
+        "+experiment=digits_smile",
+        "data.source_options.num_images=400",  # 7 source steps an epoch
+        "data.source_batch_size=64",
+        "data.target_size=30",
+        "pretraining.epochs=2",
+        f"pretraining.cache_dir={tmp_path / 'pretrained'}",
+        "steps.finetune=8",
+        "val_every_n_steps=2",
+        "callbacks=none",
+        "trainer.enable_progress_bar=false",
+        "speed.fast_mode=false",
+    ]
+    short = train(compose_config([*smile, "run_fraction=0.5"], tmp_path / "short", data_dir))
+    assert short["stages"][-1]["total_steps"] == 4
+    (last,) = (tmp_path / "pretrained").glob("*/checkpoints/source/last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 14
+    stamp = last.stat().st_mtime
+    train(compose_config(smile, tmp_path / "full", data_dir))
+    assert list((tmp_path / "pretrained").glob("*/checkpoints/source/last.ckpt")) == [last]
+    assert last.stat().st_mtime == stamp  # the full run read the short run's pre-training
 
 
 # ---------------------------------------------------------------- the sweep's rungs
