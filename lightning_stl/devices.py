@@ -37,6 +37,29 @@ def physical_device_names(num_devices: int) -> list[str]:
     return [str(i) for i in range(num_devices)]
 
 
+def free_device_memory(name: str, index: int) -> float:
+    """Free memory (bytes) of the visible CUDA device ``index``, physically ``name`` (an index or
+    a UUID, as in ``CUDA_VISIBLE_DEVICES``).
+
+    Read from ``nvidia-smi``, as NVML reports it: ``torch.cuda.mem_get_info`` would create a CUDA
+    context (some hundred MB) on every device it is asked about, in a process that then trains on
+    only one of them. Without ``nvidia-smi`` it falls back to ``mem_get_info``.
+    """
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        query = [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", name]
+        done = subprocess.run(query, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode == 0 and done.stdout.strip():
+            return float(done.stdout.split()[0]) * 2**20  # MiB
+        log.warning("nvidia-smi could not read device %s: %s", name, done.stderr.strip())
+    import torch
+
+    return float(torch.cuda.mem_get_info(index)[0])
+
+
 @contextmanager
 def claim_device(
     num_devices: int,

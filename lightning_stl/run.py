@@ -32,6 +32,7 @@ from lightning_stl.cross_validation import cross_validate
 from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.devices import (
     claim_device,
+    free_device_memory,
     physical_device_names,
     training_device,
     wants_device_pool,
@@ -76,12 +77,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         per_device,
     ):
         return train_on(cfg, {})
+    names = physical_device_names(cuda)
     with claim_device(
         cuda,
         pool.get("lock_dir", "/tmp/lightning_stl_device_locks"),
-        names=physical_device_names(cuda),
+        names=names,
         trials_per_device=per_device,
-        free_memory=lambda index: torch.cuda.mem_get_info(index)[0],
+        free_memory=lambda index: free_device_memory(names[index], index),
         min_free_bytes=float(pool.get("min_free_memory_gb", 0.0)) * 2**30,
     ) as index:
         return train_on(cfg, {"accelerator": "gpu", "devices": [index]})
@@ -102,9 +104,9 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     if (run_dir / "checkpoints").exists():  # else made, in the writable run folder, by a fit
         check_writable(run_dir / "checkpoints", "checkpoint folder", "hydra.run.dir=...")
     stages = [Stage.from_config(conf) for conf in cfg.method.stages]
-    check_same_run(run_dir, cfg)
     device = training_device(cfg, trainer_overrides)
     speed = speed_settings(cfg, device)
+    check_same_run(run_dir, cfg, {k: speed[k] for k in ("precision", "channels_last")})
     trainer_overrides = {**trainer_overrides, "precision": speed["precision"]}
     if not stages[-1].trains_target:
         raise ValueError(f"method {cfg.method.name!r} must end with a stage that trains the target")

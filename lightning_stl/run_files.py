@@ -33,6 +33,7 @@ RUN_IDENTITY = (
     "seed",
     "batchnorm",
     "val_every_n_steps",
+    "run_fraction",
 )
 
 _NOT_IDENTITY = {
@@ -54,16 +55,19 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     return identity
 
 
-def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
-    """Refuse to resume a run folder that holds a run of other settings."""
+def check_same_run(run_dir: Path, cfg: DictConfig, resolved: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a run folder that holds a run of other settings: those of
+    :data:`RUN_IDENTITY` and the ``resolved`` ones that depend on the device (the fast mode's
+    ``precision`` and ``channels_last``). A key that an older record predates is not compared,
+    so folders written before it was part of the identity still resume."""
     record = run_dir / "run_identity.json"
-    identity = _jsonable(run_identity(cfg))
+    identity = _jsonable({**run_identity(cfg), **(resolved or {})})
     if not record.exists():
         if rank_zero_only.rank == 0:
             record.write_text(json.dumps(identity, indent=1, sort_keys=True))
         return
     previous = json.loads(record.read_text())
-    changed = [k for k in RUN_IDENTITY if previous.get(k) != identity.get(k)]
+    changed = [k for k in identity if k in previous and previous[k] != identity[k]]
     if changed:
         raise ValueError(
             f"{run_dir} holds a run with other settings of {', '.join(changed)}; resuming it "

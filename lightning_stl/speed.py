@@ -36,8 +36,8 @@ FLOAT32 = "32-true"
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether ``device`` has bf16 matrix units (CUDA bf16; a CPU with AMX or AVX-512-BF16)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # bf16 tensor cores from Ampere (compute capability 8.0) on
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         # torch.cpu has no public query for these two instruction sets; its private ones read
         # cpuinfo, the library oneDNN uses to pick its bf16 kernels

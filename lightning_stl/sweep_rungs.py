@@ -52,6 +52,14 @@ class Rungs:
                 "increasing fractions of the run length ending with 1.0, e.g. [0.125, 0.25, "
                 "0.5, 1.0]"
             )
+        resources = [round(f / fractions[0]) for f in fractions]
+        if len(set(resources)) != len(resources):
+            raise ValueError(
+                f"hydra.sweeper.fidelity.rungs={list(fractions)} is not allowed: the pruner "
+                f"counts a rung's length in whole units of the first rung, and these give "
+                f"{resources}; space the rungs at least one first rung apart, e.g. [0.125, 0.25, "
+                "0.5, 1.0]"
+            )
         return cls(str(conf.get("key") or "run_fraction"), fractions)
 
     def __len__(self) -> int:

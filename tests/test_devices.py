@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -127,3 +128,15 @@ def test_one_gpu_shared_by_several_trials_uses_the_pool():
         claim_device(1, "/tmp", trials_per_device=0),
     ):
         pass
+
+
+def test_free_memory_is_read_from_nvidia_smi_for_the_physical_device(tmp_path, monkeypatch):
+    """Without creating a CUDA context: nvidia-smi is asked about the physical name."""
+    from lightning_stl.devices import free_device_memory
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\necho "1536"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert free_device_memory("GPU-3f2a", 1) == 1536 * 2**20
+    assert (tmp_path / "args").read_text().split()[-2:] == ["-i", "GPU-3f2a"]

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from lightning_stl.run import compose_config, train
 from lightning_stl.run_fraction import shorten
 from lightning_stl.schedule import SigmoidTargetWeight
+from lightning_stl.sweep_recovery import recover
 from lightning_stl.sweeper import DurableOptunaSweeper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,12 +261,89 @@ def test_a_trial_killed_between_two_rungs_climbs_again_from_its_folder():
     assert sweeper.rerun_folders == {json.dumps(trial.params, sort_keys=True): trial.number}
 
 
+class Killed(Exception):
+    """The sweep process dying mid-launch."""
+
+
+class DyingLauncher(ScriptedLauncher):
+    """A scripted launcher whose process dies during its ``die_at``-th job."""
+
+    def __init__(self, objective, die_at: int):
+        super().__init__(objective)
+        self.die_at = die_at
+
+    def launch(self, job_overrides, initial_job_idx):
+        if len(self.launched) + len(job_overrides) >= self.die_at:
+            self.launched.append(dict(o.split("=", 1) for o in job_overrides[0]))
+            raise Killed
+        return super().launch(job_overrides, initial_job_idx)
+
+
+def mark_dead(study: optuna.Study) -> None:
+    """What a killed process leaves: its RUNNING trials name a pid that no longer exists."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True)  # fmt: skip
+    for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
+        study._storage.set_trial_user_attr(trial._trial_id, "pid", int(dead.stdout))
+
+
+def test_a_rung_sweep_killed_mid_run_goes_on_with_the_same_trial_in_the_same_folder(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = rung_sweeper(tmp_path, n_trials=6, n_jobs=1)
+    first.storage, first.launcher = storage, DyingLauncher(objective, die_at=5)
+    with pytest.raises(Killed):
+        first.sweep([])
+    study = optuna.load_study(study_name="rungs", storage=storage)
+    (killed,) = study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+    dying = first.launcher.launched[-1]
+    mark_dead(study)
+
+    second = rung_sweeper(tmp_path, n_trials=6, n_jobs=1)
+    second.storage = storage
+    second.sweep([])
+    again = second.launcher.launched[0]
+    assert again == dying  # the same ω, rung and folder: its run resumes from its last.ckpt
+    assert again["+optuna_trial"] == str(killed.number)
+    study = optuna.load_study(study_name="rungs", storage=storage)
+    assert len(study.trials) == 6  # the killed trial went on: no trial was added for it
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    runs = [(v["+optuna_trial"], v["run_fraction"]) for v in first.launcher.launched[:-1]]
+    runs += [(v["+optuna_trial"], v["run_fraction"]) for v in second.launcher.launched]
+    assert len(runs) == len(set(runs))  # nothing that finished was run again
+    assert len({folder for folder, _ in runs}) == 6
+
+
+def test_a_rung_trial_killed_after_its_rung_was_reported_climbs_on_or_is_pruned_now(tmp_path):
+    """Killed between its rung's report and the pruner's decision: the decision is made first."""
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+    )
+    import socket
+
+    for value in (0.9, 0.1):  # a second trial that the first outranks at rung 0
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        for key, item in {
+            "sweep_worker": "w",
+            "status": "ok",
+            "host": socket.gethostname(),
+        }.items():
+            trial.set_user_attr(key, item)
+        trial.report(value, 1)
+    mark_dead(study)
+    found = recover(study, "w", rungs=3)
+    assert [(t.number, rung) for t, rung in found.resumed] == [(0, 1)]
+    assert study.trials[1].state.name == "PRUNED" and found.finished == 1
+
+
 @pytest.mark.parametrize(
     "rungs, message",
     [
         ([0.5, 0.25, 1.0], "increasing fractions"),
         ([0.25, 0.5], "ending with 1.0"),
         ([0.0, 1.0], "run_fraction=0.0 is not allowed"),
+        ([0.4, 0.5, 1.0], r"these give \[1, 1, 2\]"),
     ],
 )
 def test_bad_rungs_are_refused_with_one_message(rungs, message):

@@ -388,6 +388,7 @@ def test_ddp_run_on_two_cpu_processes(tmp_path, run_cli, make_cfg):
         "epochs.source=6",  # enough steps for a model above chance: its accuracy tells
         "epochs.target=4",  # checkpoints and test-set parts apart
         "trainer.enable_progress_bar=false",
+        "speed.fast_mode=false",  # float32, as the check below recomputes it
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -542,3 +543,30 @@ def test_testing_shows_the_progress_bar_that_training_shows(make_cfg, monkeypatc
     monkeypatch.setattr(L.Trainer, "test", test)
     train(make_cfg("callbacks=default", "trainer.enable_progress_bar=true"))
     assert bars == [TQDMProgressBar]  # Lightning would take its Rich bar (rich is installed)
+
+
+def test_a_folder_is_not_resumed_at_another_run_fraction_or_precision(tmp_path):
+    """run_fraction and the device-resolved fast mode are part of a run's identity; a record
+    written before they were still resumes."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from lightning_stl.run_files import check_same_run
+
+    cfg = OmegaConf.create({"seed": 1, "run_fraction": 0.25})
+    fast = {"precision": "bf16-mixed", "channels_last": True}
+    check_same_run(tmp_path, cfg, fast)
+    check_same_run(tmp_path, cfg, fast)  # the same: resumes
+    with pytest.raises(ValueError, match="other settings of run_fraction"):
+        check_same_run(tmp_path, OmegaConf.create({"seed": 1, "run_fraction": 0.5}), fast)
+    with pytest.raises(ValueError, match="other settings of precision, channels_last"):
+        check_same_run(tmp_path, cfg, {"precision": "32-true", "channels_last": False})
+    record = tmp_path / "run_identity.json"
+    old = json.loads(record.read_text())
+    for key in ("run_fraction", "precision", "channels_last"):
+        del old[key]
+    record.write_text(json.dumps(old))
+    check_same_run(tmp_path, OmegaConf.create({"seed": 1, "run_fraction": 0.5}), {})
+    with pytest.raises(ValueError, match="other settings of seed"):
+        check_same_run(tmp_path, OmegaConf.create({"seed": 2}), {})

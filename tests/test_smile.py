@@ -790,3 +790,20 @@ def test_a_run_shorter_than_the_validation_period_is_still_tested(make_cfg, shar
     assert metrics["test_acc"] == pytest.approx(
         checkpoint_test_accuracy(cfg, best, FineTune), abs=1e-6
     )
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_the_mixup_losses_are_summed_in_float32_under_bf16(form):
+    """Under bf16 autocast the features and logits come in bf16; L^FE and L^FC sum hundreds of
+    terms and are computed in float32 (bf16 keeps 8 bits: its sums would be off by ~1e-2)."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = MixupPairs(0.3, torch.tensor([3, 0, 1, 2]))
+    for loss, shape in [
+        (FeatureMixupLoss(form), (4, 512, 2, 2)),
+        (LabelMixupLoss(form), (4, 1000)),
+    ]:
+        student, teacher = (torch.randn(*shape, generator=generator).bfloat16() for _ in "st")
+        value = loss(student, teacher, pairs)
+        exact = loss(student.double(), teacher.double(), pairs)
+        assert value.dtype == torch.float32
+        assert value.item() == pytest.approx(exact.item(), rel=1e-5), type(loss)

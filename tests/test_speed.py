@@ -100,7 +100,11 @@ def test_a_fast_smile_run_convolves_in_bf16_and_channels_last_teacher_included(
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     assert all(v.dtype != torch.bfloat16 for v in state.values())  # mixed: float32 weights
     module = load_module(read_run(tmp_path / "run"))  # a float32, contiguous module loads it
-    assert set(module.state_dict()) >= {k for k in state if not k.startswith("pretrained.")}
+    loaded = module.state_dict()
+    assert set(loaded) >= {k for k in state if not k.startswith("pretrained.")}
+    for key, value in state.items():
+        if not key.startswith("pretrained."):
+            assert torch.equal(loaded[key].float(), value.float()), key
 
 
 def test_fast_mode_false_trains_in_float32(tmp_path, data_dir):
@@ -145,3 +149,16 @@ def test_a_compiled_run_matches_an_uncompiled_one(tmp_path, data_dir):
     compiled = train(compose_config([*tiny, "speed.compile=true"], tmp_path / "compiled", data_dir))
     assert compiled["speed"]["compile"] is True
     assert compiled["best_val_acc"] == pytest.approx(plain["best_val_acc"], abs=0.02)
+
+
+@pytest.mark.parametrize("capability, fast", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_a_cuda_device_is_fast_in_bf16_from_ampere_on_asked_about_itself(
+    monkeypatch, capability, fast
+):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability
+    )
+    device = torch.device("cuda", 3)
+    assert speed.bf16_is_fast(device) is fast and asked == [device]

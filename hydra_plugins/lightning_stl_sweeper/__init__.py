@@ -99,12 +99,14 @@ class SuccessiveHalvingPrunerConfig(PrunerConfig):
 @dataclass
 class HyperbandPrunerConfig(PrunerConfig):
     """optuna.pruners.HyperbandPruner: several successive-halving brackets of different
-    aggressiveness; TPE models each bracket's trials apart."""
+    aggressiveness; TPE models each bracket's trials apart. The defaults match the rungs 1/8,
+    1/4, 1/2, 1 (resources 1, 2, 4, 8: sweep_rungs.Rungs.resource); for other rungs set
+    max_resource to the last rung over the first."""
 
     _target_: str = "optuna.pruners.HyperbandPruner"
     min_resource: int = 1
-    max_resource: Any = "auto"
-    reduction_factor: int = 3
+    max_resource: Any = 8
+    reduction_factor: int = 2
     bootstrap_count: int = 0
 
 
