@@ -10,11 +10,14 @@ For each target size N of ``--sizes`` on the digits pair:
 3. the compute (CPU-seconds of every training run of each search, from their ``metrics.json``:
    ``time.process_time`` of the run's process, all threads) the multi-fidelity search spends until
    a full-length trial reaches the protocol's best validation accuracy, against the protocol's
-   total;
+   total; and each search's whole compute, imports, Hydra and the sweeper included (the sweep
+   processes' ``RUSAGE_CHILDREN``, kept per invocation in ``cpu_ledger.json`` so that a resumed
+   search adds to what the killed one spent);
 4. the ω each search picks, retrained at full T on ``--seeds`` (the same N images per seed for
    both: paired), tested on the best-validation checkpoint: mean ± std, the paired difference
-   (multi-fidelity − protocol) with its 95% paired-t interval, and whether the multi-fidelity
-   mean lies inside the protocol's 95% interval over seeds.
+   (multi-fidelity − protocol) with its 95% paired-t interval, whether that interval holds 0
+   (no difference the seeds can tell), and whether the multi-fidelity mean lies inside the
+   protocol's 95% interval over seeds.
 
 Goal (issue 13): ≤ 25% of the protocol's compute for an ω whose retrained test accuracy is within
 the protocol's interval. Both searches and the retraining are resumable (SQLite studies, run
@@ -28,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -74,6 +79,31 @@ def cost_to_reach(runs: list[dict[str, Any]], target: float) -> float | None:
     return None
 
 
+def search_with_ledger(
+    search: str, size: int, trials: int, jobs: int, work: Path, data: str
+) -> None:
+    """Run (or resume) a search and add the CPU its processes spent to ``cpu_ledger.json``."""
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    run_search(search, EXPERIMENT, size, trials, 11, jobs, [], work, data, None)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    ledger = work / "cpu_ledger.json"
+    entries = json.loads(ledger.read_text()) if ledger.exists() else []
+    entries.append(
+        {"search": search, "size": size, "cpu_s": spent, "wall_s": time.time() - started}
+    )
+    ledger.write_text(json.dumps(entries, indent=1))
+
+
+def ledger_cpu(work: Path, search: str, size: int) -> float | None:
+    """The CPU-seconds every invocation of a search spent, or None if one predates the ledger
+    (a sweep resumed from before it was kept would be undercounted)."""
+    ledger = work / "cpu_ledger.json"
+    entries = json.loads(ledger.read_text()) if ledger.exists() else []
+    mine = [e["cpu_s"] for e in entries if e["search"] == search and e["size"] == size]
+    return sum(mine) if mine else None
+
+
 def best_params(work: Path, search: str, size: int) -> tuple[dict[str, Any], float]:
     study = optuna.load_study(
         study_name=f"{search}_n{size}", storage=f"sqlite:///{work / 'studies.db'}"
@@ -102,8 +132,8 @@ def retrain(
 
 def report(results: list[dict[str, Any]], seeds: list[int]) -> str:
     lines = [
-        "| N | protocol: CPU-h, best val | multi-fidelity: CPU-h (all), best val | CPU to reach the protocol's best val | retrained test acc (%) protocol ω | multi-fidelity ω | difference [95% paired-t CI] | within the protocol's interval |",
-        "|---:|---|---|---|---:|---:|---|---|",
+        "| N | protocol: CPU-h of runs (whole sweep), best val | multi-fidelity: CPU-h of runs (whole sweep), best val | CPU to reach the protocol's best val | retrained test acc (%) protocol ω | multi-fidelity ω | difference [95% paired-t CI] | CI holds 0 | inside the protocol's interval |",
+        "|---:|---|---|---|---:|---:|---|---|---|",
     ]
     for r in results:
         reach = (
@@ -117,15 +147,25 @@ def report(results: list[dict[str, Any]], seeds: list[int]) -> str:
         )
         (pm, ps, n), (am, as_, _) = mean_std(p), mean_std(a)
         diff, low, high, _ = paired_difference(p, a)
-        half = (mean_std(p)[1] / n**0.5) * _t(n)
-        inside = abs(am - pm) <= half
+        if n > 1 and math.isfinite(low):
+            half = (ps / n**0.5) * _t(n)
+            holds_zero = "yes" if low <= 0 <= high else "no"
+            inside = f"{'yes' if abs(am - pm) <= half else 'no'} (protocol mean ± {half:.2f})"
+        else:  # one seed: no interval
+            holds_zero = inside = "n/a (one seed)"
         lines.append(
-            f"| {r['size']} | {r['protocol_s'] / 3600:.2f} h, {r['protocol_val']:.4f} | "
-            f"{r['asha_s'] / 3600:.2f} h ({r['asha_s'] / r['protocol_s']:.0%}), {r['asha_val']:.4f} | "
-            f"{reach} | {pm:.2f} ± {ps:.2f} | {am:.2f} ± {as_:.2f} | {diff:+.2f} [{low:+.2f}, {high:+.2f}] | "
-            f"{'yes' if inside else 'no'} (protocol mean ± {half:.2f}) |"
+            f"| {r['size']} | {_hours(r['protocol_s'], r['protocol_all_s'])}, "
+            f"{r['protocol_val']:.4f} | {_hours(r['asha_s'], r['asha_all_s'])} "
+            f"({r['asha_s'] / r['protocol_s']:.0%}), {r['asha_val']:.4f} | {reach} | "
+            f"{pm:.2f} ± {ps:.2f} | {am:.2f} ± {as_:.2f} | {diff:+.2f} [{low:+.2f}, {high:+.2f}] | "
+            f"{holds_zero} | {inside} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _hours(runs_s: float, all_s: float | None) -> str:
+    whole = f"{all_s / 3600:.2f} h" if all_s is not None else "not kept"
+    return f"{runs_s / 3600:.2f} h ({whole})"
 
 
 def _t(n: int) -> float:
@@ -155,7 +195,7 @@ def main() -> None:
         searches = {"protocol": PROTOCOL, "asha": ("smooth_asha", args.asha_trials)}
         found = {}
         for name, (search, trials) in searches.items():
-            run_search(search, EXPERIMENT, size, trials, 11, args.jobs, [], work, args.data, None)
+            search_with_ledger(search, size, trials, args.jobs, work, args.data)
             runs = search_runs(work / search / f"n{size}")
             rows += [{"size": size, "search": name, **run} for run in runs]
             params, value = best_params(work, search, size)
@@ -170,6 +210,8 @@ def main() -> None:
                 "size": size,
                 "protocol_s": protocol_s,
                 "protocol_val": found["protocol"][1],
+                "protocol_all_s": ledger_cpu(work, PROTOCOL[0], size),
+                "asha_all_s": ledger_cpu(work, "smooth_asha", size),
                 "asha_s": asha_s,
                 "asha_val": found["asha"][1],
                 "reach_s": cost_to_reach(found["asha"][2], found["protocol"][1]),

@@ -7,7 +7,12 @@ searches' seed: a search's view of ω), and reports per N and fraction:
 
 - Spearman's ρ between the best validation accuracy at that fraction and at full length, with a
   bootstrap 95% interval over ω (2,000 resamples of the ω);
-- how often the full-length best few ω survive a cut to the top 1/η at the short length (η = 2, 3).
+- how often the full-length best few ω survive a cut to the top 1/η at the short length (η = 2, 3),
+  and the regret of such a cut: the best full-length accuracy among the ω it keeps, below the
+  best of all (in points);
+- with ``--repeat-seed S``, the noise ceiling: the same ρ between two full-length runs of each ω
+  on the same N images (training seeds 1000 and S). A short run cannot rank ω better than a
+  second full run does.
 
 Writes ``experiments/results/<pair>/fidelity_ranking/{runs.csv,ranking.md}``. Resumable: a run
 folder with its ``metrics.json`` is read, not trained again, so a killed measurement started
@@ -82,35 +87,54 @@ def bootstrap_spearman(
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
-def survives(short: np.ndarray, full: np.ndarray, eta: int, top: int) -> float:
-    """The share of the ``top`` best ω at full length that a cut to the best 1/η at the short
-    length keeps (ties at the cut kept, as a rung that promotes ⌈n/η⌉ would)."""
-    keep = max(1, int(np.ceil(len(short) / eta)))
+def kept_by_cut(short: np.ndarray, eta: int) -> np.ndarray:
+    """Which ω a successive-halving cut at the short length keeps: the best max(1, ⌊n/η⌋), as
+    Optuna's ``SuccessiveHalvingPruner`` promotes (ties at the cut kept)."""
+    keep = max(1, len(short) // eta)
     threshold = np.sort(short)[::-1][keep - 1]
+    return short >= threshold
+
+
+def survives(short: np.ndarray, full: np.ndarray, eta: int, top: int) -> float:
+    """The share of the ``top`` best ω at full length that the cut to the top 1/η keeps."""
     best = np.argsort(-full, kind="stable")[:top]
-    return float(np.mean(short[best] >= threshold))
+    return float(np.mean(kept_by_cut(short, eta)[best]))
+
+
+def regret(short: np.ndarray, full: np.ndarray, eta: int) -> float:
+    """How far (points of accuracy) the best full-length ω among those the cut keeps falls
+    below the best full-length ω of all."""
+    return float(100 * (full.max() - full[kept_by_cut(short, eta)].max()))
 
 
 def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> str:
     """The Markdown table of ρ and survival per N and fraction."""
     rng = np.random.default_rng(0)
     lines = [
-        "| N | fraction of T | ω | Spearman ρ with full T [95% bootstrap CI] | best-3 at T kept by top-1/2 | by top-1/3 |",
-        "|---:|---:|---:|---|---:|---:|",
+        "| N | fraction of T | ω | Spearman ρ with full T [95% bootstrap CI] | best-3 at T kept by top-1/2 | by top-1/3 | regret of top-1/2 (points) | of top-1/3 |",
+        "|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for size in sorted({r["target_size"] for r in rows}):
         full = {
             r["omega"]: r["val_acc"]
             for r in rows
-            if r["target_size"] == size and r["fraction"] == 1.0
+            if r["target_size"] == size
+            and r["fraction"] == 1.0
+            and r.get("seed", SEARCH_SEED) == SEARCH_SEED
+            and r["val_acc"] is not None
         }
-        for fraction in fractions:
-            if fraction == 1.0:
-                continue
+        repeats = sorted({r.get("seed", SEARCH_SEED) for r in rows} - {SEARCH_SEED})
+        columns = [(f, SEARCH_SEED, f"{f:g}") for f in fractions if f != 1.0]
+        columns += [(1.0, seed, f"1 at seed {seed} (noise ceiling)") for seed in repeats]
+        for fraction, seed, label in columns:
             pairs = [
                 (r["val_acc"], full[r["omega"]])
                 for r in rows
-                if r["target_size"] == size and r["fraction"] == fraction and r["omega"] in full
+                if r["target_size"] == size
+                and r["fraction"] == fraction
+                and r.get("seed", SEARCH_SEED) == seed
+                and r["omega"] in full
+                and r["val_acc"] is not None
             ]
             if len(pairs) < 5:
                 continue
@@ -118,8 +142,9 @@ def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> str:
             rho = spearmanr(short, long).statistic
             low, high = bootstrap_spearman(short, long, rng)
             lines.append(
-                f"| {size} | {fraction:g} | {len(pairs)} | {rho:.2f} [{low:.2f}, {high:.2f}] | "
-                f"{survives(short, long, 2, 3):.2f} | {survives(short, long, 3, 3):.2f} |"
+                f"| {size} | {label} | {len(pairs)} | {rho:.2f} [{low:.2f}, {high:.2f}] | "
+                f"{survives(short, long, 2, 3):.2f} | {survives(short, long, 3, 3):.2f} | "
+                f"{regret(short, long, 2):.2f} | {regret(short, long, 3):.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -132,6 +157,9 @@ def main() -> None:
     parser.add_argument("--omegas", type=positive_int, default=30)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0])
     parser.add_argument("--sampler-seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat-seed", type=int, default=None, help="also train every ω at full T on this seed"
+    )
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -150,17 +178,23 @@ def main() -> None:
         "callbacks=none",
         "logger=none",
         "trainer.enable_progress_bar=false",
-        f"seed={SEARCH_SEED}",
         *args.overrides,
     ]
+    runs = [(fraction, SEARCH_SEED) for fraction in fractions]
+    if args.repeat_seed is not None:
+        runs.append((1.0, args.repeat_seed))
     rows: list[dict[str, Any]] = []
     started = time.time()
     for size in args.sizes:
         for index, omega in enumerate(omegas):
-            for fraction in fractions:
+            for fraction, seed in runs:
                 run_dir = work / f"n{size}" / f"omega{index:02d}" / f"f{fraction:g}"
+                if seed != SEARCH_SEED:
+                    run_dir = run_dir.with_name(f"{run_dir.name}_seed{seed}")
                 overrides = [
                     *base,
+                    f"seed={seed}",
+                    f"data.subset_seed={SEARCH_SEED}",  # the same N images: training noise only
                     f"data.target_size={size}",
                     f"run_fraction={fraction}",
                     *(f"{k}={v!r}" for k, v in omega.items()),
@@ -172,6 +206,7 @@ def main() -> None:
                         "omega": index,
                         **{k.rsplit(".", 1)[-1]: v for k, v in omega.items()},
                         "fraction": fraction,
+                        "seed": seed,
                         "total_steps": metrics["total_steps"],
                         "val_acc": metrics["best_val_acc"],
                         "test_acc": metrics["test_acc"],
