@@ -82,26 +82,40 @@ def cost_to_reach(runs: list[dict[str, Any]], target: float) -> float | None:
 def search_with_ledger(
     search: str, size: int, trials: int, jobs: int, work: Path, data: str
 ) -> None:
-    """Run (or resume) a search and add the CPU its processes spent to ``cpu_ledger.json``."""
-    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
-    run_search(search, EXPERIMENT, size, trials, 11, jobs, [], work, data, None)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    """Run (or resume) a search and add the CPU its processes spent to ``cpu_ledger.json``, also
+    when it fails or this script is interrupted (what the sweep spent until then counts)."""
     ledger = work / "cpu_ledger.json"
     entries = json.loads(ledger.read_text()) if ledger.exists() else []
-    entries.append(
-        {"search": search, "size": size, "cpu_s": spent, "wall_s": time.time() - started}
-    )
-    ledger.write_text(json.dumps(entries, indent=1))
+    mine = [e for e in entries if e["search"] == search and e["size"] == size]
+    # runs from before the ledger was kept: their sweep's own CPU was never counted
+    predates = not mine and any((work / search / f"n{size}").rglob("metrics.json"))
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    try:
+        run_search(search, EXPERIMENT, size, trials, 11, jobs, [], work, data, None)
+    finally:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spent = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        entries.append(
+            {
+                "search": search,
+                "size": size,
+                "cpu_s": spent,
+                "wall_s": time.time() - started,
+                "predates_ledger": predates,
+            }
+        )
+        ledger.write_text(json.dumps(entries, indent=1))
 
 
 def ledger_cpu(work: Path, search: str, size: int) -> float | None:
-    """The CPU-seconds every invocation of a search spent, or None if one predates the ledger
-    (a sweep resumed from before it was kept would be undercounted)."""
+    """The CPU-seconds every invocation of a search spent, or None when there is none or the
+    search had runs before its first ledger entry (its whole compute is then not known)."""
     ledger = work / "cpu_ledger.json"
     entries = json.loads(ledger.read_text()) if ledger.exists() else []
-    mine = [e["cpu_s"] for e in entries if e["search"] == search and e["size"] == size]
-    return sum(mine) if mine else None
+    mine = [e for e in entries if e["search"] == search and e["size"] == size]
+    if not mine or any(e.get("predates_ledger") for e in mine):
+        return None
+    return sum(e["cpu_s"] for e in mine)
 
 
 def best_params(work: Path, search: str, size: int) -> tuple[dict[str, Any], float]:

@@ -37,26 +37,30 @@ def physical_device_names(num_devices: int) -> list[str]:
     return [str(i) for i in range(num_devices)]
 
 
-def free_device_memory(name: str, index: int) -> float:
-    """Free memory (bytes) of the visible CUDA device ``index``, physically ``name`` (an index or
-    a UUID, as in ``CUDA_VISIBLE_DEVICES``).
+def free_device_memory(index: int) -> float:
+    """Free memory (bytes) of the visible CUDA device ``index``.
 
-    Read from ``nvidia-smi``, as NVML reports it: ``torch.cuda.mem_get_info`` would create a CUDA
-    context (some hundred MB) on every device it is asked about, in a process that then trains on
-    only one of them. Without ``nvidia-smi`` it falls back to ``mem_get_info``.
+    Read from ``nvidia-smi``, as NVML reports it, for the device's UUID (NVML numbers devices by
+    PCI bus, CUDA fastest first: only the UUID names the same GPU for both):
+    ``torch.cuda.mem_get_info`` would create a CUDA context (some hundred MB) on every device it
+    is asked about, in a process that then trains on only one of them. Without ``nvidia-smi``,
+    or where it cannot tell (a MIG slice: ``[N/A]``), it falls back to ``mem_get_info``.
     """
     import shutil
     import subprocess
 
-    smi = shutil.which("nvidia-smi")
-    if smi is not None:
-        query = [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", name]
-        done = subprocess.run(query, capture_output=True, text=True, timeout=30, check=False)
-        if done.returncode == 0 and done.stdout.strip():
-            return float(done.stdout.split()[0]) * 2**20  # MiB
-        log.warning("nvidia-smi could not read device %s: %s", name, done.stderr.strip())
     import torch
 
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        name = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+        query = [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", name]
+        try:
+            done = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+            return float(done.stdout.split()[0]) * 2**20  # MiB
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as error:
+            log.warning("nvidia-smi could not read device %s (%s): asking CUDA", name, error)
     return float(torch.cuda.mem_get_info(index)[0])
 
 

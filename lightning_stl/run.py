@@ -50,7 +50,7 @@ from lightning_stl.speed import compile_models, speed_settings, to_channels_last
 from lightning_stl.stages import (
     STAGE_FILE,
     Stage,
-    check_reaches_target,
+    check_stage,
     measure_test_accuracy,
     run_stage,
 )
@@ -77,13 +77,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         per_device,
     ):
         return train_on(cfg, {})
-    names = physical_device_names(cuda)
     with claim_device(
         cuda,
         pool.get("lock_dir", "/tmp/lightning_stl_device_locks"),
-        names=names,
+        names=physical_device_names(cuda),
         trials_per_device=per_device,
-        free_memory=lambda index: free_device_memory(names[index], index),
+        free_memory=free_device_memory,
         min_free_bytes=float(pool.get("min_free_memory_gb", 0.0)) * 2**30,
     ) as index:
         return train_on(cfg, {"accelerator": "gpu", "devices": [index]})
@@ -118,7 +117,7 @@ def train_on(cfg: DictConfig, trainer_overrides: dict[str, Any]) -> dict[str, An
     datamodule.setup("fit")
     check_backbone_fits_data(cfg, datamodule)
     for stage in stages:
-        check_reaches_target(stage, datamodule)
+        check_stage(cfg, stage, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model's initial weights
     module = build_module(cfg, datamodule, device)
     if speed["channels_last"]:

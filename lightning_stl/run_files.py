@@ -52,6 +52,11 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(key, ())}
         identity[key] = value
+    trainer = cfg.get("trainer") or {}
+    # Trainer settings that decide which steps a run takes and validates (run_fraction follows them)
+    identity["trainer_steps"] = {
+        key: trainer.get(key) for key in ("accumulate_grad_batches", "val_check_interval")
+    }
     return identity
 
 
@@ -64,10 +69,13 @@ def check_same_run(run_dir: Path, cfg: DictConfig, resolved: dict[str, Any] | No
     identity = _jsonable({**run_identity(cfg), **(resolved or {})})
     if not record.exists():
         if rank_zero_only.rank == 0:
-            record.write_text(json.dumps(identity, indent=1, sort_keys=True))
+            record.write_text(json.dumps({**previous, **identity}, indent=1, sort_keys=True))
         return
     previous = json.loads(record.read_text())
     changed = [k for k in identity if k in previous and previous[k] != identity[k]]
+    if not changed and set(identity) - set(previous) and rank_zero_only.rank == 0:
+        # an older record: from now on the keys it lacked are checked too
+        record.write_text(json.dumps({**previous, **identity}, indent=1, sort_keys=True))
     if changed:
         raise ValueError(
             f"{run_dir} holds a run with other settings of {', '.join(changed)}; resuming it "

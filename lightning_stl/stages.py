@@ -32,7 +32,7 @@ from lightning_stl.data import SourceTargetDataModule
 from lightning_stl.errors import parameters_of, unexpected_keyword
 from lightning_stl.instantiators import instantiate_group
 from lightning_stl.run_files import _float, _write_json
-from lightning_stl.run_fraction import shorten
+from lightning_stl.run_fraction import check_shortenable, shortened_trainer_arguments
 from lightning_stl.schedule import TARGET, TargetWeightSchedule, TargetWeightScheduler
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,13 @@ def run_stage(
         extra.update(max_epochs=stage.epochs)
     fraction = float(cfg.get("run_fraction", 1.0))
     if fraction < 1.0:
-        extra.update(_shortened(cfg, stage, datamodule, extra, fraction))
+        every = extra.get("check_val_every_n_epoch", cfg.trainer.get("check_val_every_n_epoch"))
+        extra.update(
+            shortened_trainer_arguments(
+                cfg.trainer, stage.max_steps, stage.epochs, datamodule.steps_per_epoch(),
+                every if stage.validates else False, fraction,
+            )
+        )  # fmt: skip
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[
@@ -291,42 +297,14 @@ def run_stage(
     return summary
 
 
-def _shortened(
-    cfg: DictConfig,
-    stage: Stage,
-    datamodule: SourceTargetDataModule,
-    extra: dict[str, Any],
-    fraction: float,
-) -> dict[str, Any]:
-    """The Trainer arguments of ``stage`` at ``run_fraction`` < 1 (:mod:`run_fraction`): about
-    f·T optimiser steps, validated as many times as the full stage, at the same relative steps.
-
-    T and the validation interval are counted in optimiser steps (``max_steps`` is), so under
-    ``trainer.accumulate_grad_batches=k`` an epoch of b batches is ⌈b/k⌉ steps and the shortened
-    interval v' steps is v'·k batches (Lightning's integer ``val_check_interval`` counts batches).
-    """
-    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    per_epoch = math.ceil(datamodule.steps_per_epoch() / accumulate)  # optimiser steps
-    total = stage.max_steps or stage.epochs * per_epoch
-    interval = None
-    if stage.validates:
-        every = extra.get("check_val_every_n_epoch", cfg.trainer.get("check_val_every_n_epoch"))
-        within = cfg.trainer.get("val_check_interval")
-        if isinstance(within, int) and not isinstance(within, bool):  # batches
-            interval = max(1, within // accumulate)
-        elif isinstance(within, float) and within < 1 and every in (None, 1):  # of an epoch
-            interval = max(1, round(within * per_epoch))
-        else:
-            interval = per_epoch * int(every or 1)
-    short = shorten(total, interval, fraction)
-    arguments: dict[str, Any] = {"max_epochs": -1, "max_steps": short.max_steps}
-    if short.val_check_interval is not None:
-        # validate every v' optimiser steps across epochs (Lightning: an int interval with
-        # check_val_every_n_epoch=None), not at epoch ends
-        arguments.update(
-            val_check_interval=short.val_check_interval * accumulate, check_val_every_n_epoch=None
-        )
-    return arguments
+def check_stage(cfg: DictConfig, stage: Stage, datamodule: SourceTargetDataModule) -> None:
+    """Refuse, before any training, a stage that cannot run as configured: a schedule that never
+    trains the target (:func:`check_reaches_target`), a ``run_fraction`` it cannot shorten."""
+    check_reaches_target(stage, datamodule)
+    fraction = float(cfg.get("run_fraction", 1.0))
+    if fraction < 1.0:
+        datamodule.configure_training(stage.target_weight.domains(), stage.epoch_basis)
+        check_shortenable(cfg.trainer, stage.name, stage.validates, datamodule.steps_per_epoch())
 
 
 _PATH_KEYS = ("last_model_path", "best_model_path")

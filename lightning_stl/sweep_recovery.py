@@ -33,6 +33,7 @@ WORKER_ATTR = "sweep_worker"
 STATUS_ATTR = "status"
 FOLDER_ATTR = "folder"  # the trial folder number a trial's runs write into
 LAUNCHED = "launched"
+PROMOTED = "promoted"  # the pruner let the trial climb; its next rung is not launched yet
 
 
 @dataclass
@@ -92,6 +93,13 @@ def recover(study: optuna.Study, worker: str, rungs: int | None) -> Recovery:
         if rungs and trial.params and status is not None:
             _continue(study, trial, found, rungs)
             continue
+        fixed = trial.system_attrs.get("fixed_params")
+        if status is None and fixed and FOLDER_ATTR in trial.user_attrs:
+            # a queued re-run killed before its parameters were drawn: queued once more
+            study.tell(trial.number, state=TrialState.FAIL)
+            study.enqueue_trial(fixed, user_attrs={FOLDER_ATTR: folder_of(trial)})
+            found.rerun_folders[params_key(fixed)] = folder_of(trial)
+            continue
         log.warning(
             "trial %d (%s) was left running by an earlier sweep: marked failed, its parameters "
             "will be run again",
@@ -115,12 +123,12 @@ def _continue(
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
     rung = len(frozen.intermediate_values)
+    status = frozen.user_attrs.get(STATUS_ATTR)
     if rung >= rungs:  # killed after its last rung's value was reported, before it was told
         study.tell(trial, frozen.intermediate_values[max(frozen.intermediate_values)])
         found.finished += 1
         return
-    if frozen.user_attrs.get(STATUS_ATTR) != LAUNCHED and rung and trial.should_prune():
-        # killed after its rung's value was reported, before the pruner's decision: decided now
+    if status not in (LAUNCHED, PROMOTED) and rung and _pruned_now(trial, frozen, rung, status):
         study.tell(trial, state=TrialState.PRUNED)
         found.finished += 1
         log.warning("trial %d was left between two rungs: pruned now", frozen.number)
@@ -132,6 +140,21 @@ def _continue(
         rung,
     )
     found.resumed.append((trial, rung))
+
+
+def _pruned_now(
+    trial: optuna.Trial, frozen: optuna.trial.FrozenTrial, rung: int, status: str | None
+) -> bool:
+    """The decision for a trial killed after reporting ``rung`` (1-based count), before the sweep
+    recorded the pruner's verdict."""
+    if status != "ok":  # a diverged run does not climb
+        return True
+    # Optuna's successive halving marks a rung as decided (completed_rung_k) when it is asked;
+    # asked again it would judge the next rung. Killed between the two, the verdict is lost:
+    # the trial is pruned rather than promoted on a question it was never asked.
+    if f"completed_rung_{rung - 1}" in frozen.system_attrs:
+        return True
+    return trial.should_prune()
 
 
 def _alive(pid: int) -> bool:

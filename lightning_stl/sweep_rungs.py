@@ -20,7 +20,7 @@ to a cut made on too few values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +76,9 @@ class Rungs:
         return rung == len(self.fractions) - 1
 
 
-def climbing(reported: Sequence[optuna.Trial]) -> list[optuna.Trial]:
-    """Which of the trials that have just reported a rung's value climb to the next rung: the
-    study's pruner decides each, in the order given (see the module docstring)."""
-    return [trial for trial in reported if not trial.should_prune()]
+def climbing(reported: Sequence[optuna.Trial]) -> Iterator[tuple[optuna.Trial, bool]]:
+    """Whether each of the trials that have just reported a rung's value climbs to the next rung:
+    the study's pruner decides each, in the order given (see the module docstring). A generator,
+    so that the caller records each verdict before the next is asked."""
+    for trial in reported:
+        yield trial, not trial.should_prune()

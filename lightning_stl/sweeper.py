@@ -53,6 +53,7 @@ from lightning_stl.study_storage import open_study
 from lightning_stl.sweep_recovery import (
     FOLDER_ATTR,
     LAUNCHED,
+    PROMOTED,
     STATUS_ATTR,
     WORKER_ATTR,
     Recovery,
@@ -303,12 +304,11 @@ class DurableOptunaSweeper(Sweeper):
                 study.tell(trial, value)
                 finished += 1
             rung_of = {t.number: r for t, r in batch}
-            promoted = set()
-            for trial in climbing(reported):
-                promoted.add(trial.number)
-                climbers.append((trial, rung_of[trial.number] + 1))
-            for trial in reported:
-                if trial.number not in promoted:
+            for trial, climbs in climbing(reported):  # each verdict recorded as it is made
+                if climbs:
+                    trial.set_user_attr(STATUS_ATTR, PROMOTED)
+                    climbers.append((trial, rung_of[trial.number] + 1))
+                else:
                     study.tell(trial, state=TrialState.PRUNED)
                     finished += 1
             write_report(study, sweep_dir, directions[0])

@@ -85,6 +85,16 @@ CASES = [
     ("run_fraction=0", ["run_fraction=0"], [r"run_fraction=0", r"in \(0, 1\]"]),
     ("run_fraction>1", ["run_fraction=1.5"], [r"run_fraction=1.5", r"in \(0, 1\]"]),
     ("run_fraction-text", ["run_fraction=half"], [r"run_fraction='half'", "finite number"]),
+    (
+        "run_fraction-accumulate",
+        ["run_fraction=0.5", "+trainer.accumulate_grad_batches=3"],
+        [r"accumulate_grad_batches=3", "not a multiple of 3", "divides the epoch"],
+    ),
+    (
+        "run_fraction-val_check_interval",
+        ["run_fraction=0.5", "+trainer.val_check_interval=5"],
+        [r"val_check_interval=5", "Leave trainer.val_check_interval unset"],
+    ),
     ("fast_mode-text", ["speed.fast_mode=yes"], [r"speed.fast_mode='yes'", "auto, true or false"]),
     ("compile-number", ["speed.compile=1"], [r"speed.compile=1", "true or false"]),
     ("failure_value", ["failure_value=abc"], [r"failure_value=abc", "number"]),

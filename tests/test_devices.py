@@ -130,13 +130,27 @@ def test_one_gpu_shared_by_several_trials_uses_the_pool():
         pass
 
 
-def test_free_memory_is_read_from_nvidia_smi_for_the_physical_device(tmp_path, monkeypatch):
-    """Without creating a CUDA context: nvidia-smi is asked about the physical name."""
-    from lightning_stl.devices import free_device_memory
-
+def fake_smi(tmp_path, monkeypatch, output: str):
     fake = tmp_path / "nvidia-smi"
-    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\necho "1536"\n')
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\necho "{output}"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    assert free_device_memory("GPU-3f2a", 1) == 1536 * 2**20
-    assert (tmp_path / "args").read_text().split()[-2:] == ["-i", "GPU-3f2a"]
+    properties = type("Properties", (), {"uuid": "3f2a-77"})
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda index: properties)
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda index: (7.0 * 2**30, 8.0 * 2**30))
+
+
+def test_free_memory_is_read_from_nvidia_smi_for_the_devices_uuid(tmp_path, monkeypatch):
+    """Without creating a CUDA context, and for the same GPU whatever the numbering."""
+    from lightning_stl.devices import free_device_memory
+
+    fake_smi(tmp_path, monkeypatch, "1536")
+    assert free_device_memory(1) == 1536 * 2**20
+    assert (tmp_path / "args").read_text().split()[-2:] == ["-i", "GPU-3f2a-77"]
+
+
+def test_free_memory_falls_back_to_cuda_where_nvidia_smi_cannot_tell(tmp_path, monkeypatch):
+    from lightning_stl.devices import free_device_memory
+
+    fake_smi(tmp_path, monkeypatch, "[N/A]")  # a MIG slice
+    assert free_device_memory(1) == 7.0 * 2**30

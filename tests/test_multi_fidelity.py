@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
         (2370, 79, 0.5, 1200, 40),  # 1185 / 30 = 39.5, rounded half up
         (200, 1, 0.125, 25, 1),  # an epoch of one step: validate every step
         (600, 10, 0.25, 180, 3),  # SMILE: 600 iterations validated every 10 -> 60 of 3 (2.5)
-        (100, 30, 0.5, 51, 17),  # 3 validations (100 / 30) of round(50 / 3) = 17 steps
+        (100, 30, 0.5, 51, 17),  # the full run's 3 validations (⌊100 / 30⌋) of round(50 / 3)
+        (250, 100, 0.5, 126, 63),  # 2 validations, not round(2.5) = 3
         (2370, None, 0.125, 296, None),  # a stage without validation: round(296.25)
         (5, 5, 0.01, 1, 1),  # never below one step
     ],
@@ -335,6 +336,44 @@ def test_a_rung_trial_killed_after_its_rung_was_reported_climbs_on_or_is_pruned_
     found = recover(study, "w", rungs=3)
     assert [(t.number, rung) for t, rung in found.resumed] == [(0, 1)]
     assert study.trials[1].state.name == "PRUNED" and found.finished == 1
+
+
+@pytest.mark.parametrize(
+    "status, value, asked, resumed",
+    [
+        ("ok", 0.1, True, False),  # the pruner said "prune", the sweep died before telling it
+        ("promoted", 0.95, True, True),  # said "climb": goes on, not asked again
+        ("diverged", 0.95, False, False),  # a diverged run never climbs, whatever its value
+    ],
+)
+def test_a_verdict_made_before_a_kill_is_kept(status, value, asked, resumed):
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+    )
+    import socket
+
+    trials = []
+    for reported in (0.9, value):
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        for key, item in {
+            "sweep_worker": "w",
+            "status": "ok",
+            "host": socket.gethostname(),
+        }.items():
+            trial.set_user_attr(key, item)
+        trial.report(reported, 1)
+        trials.append(trial)
+    assert trials[0].should_prune() is False
+    study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)  # out of the way
+    if asked:
+        assert trials[1].should_prune() is (value < 0.9)  # then the process dies
+    trials[1].set_user_attr("status", status)
+    mark_dead(study)
+    found = recover(study, "w", rungs=3)
+    assert [(t.number, rung) for t, rung in found.resumed] == ([(1, 1)] if resumed else [])
+    assert study.trials[1].state.name == ("RUNNING" if resumed else "PRUNED")
 
 
 @pytest.mark.parametrize(

@@ -567,6 +567,9 @@ def test_a_folder_is_not_resumed_at_another_run_fraction_or_precision(tmp_path):
     for key in ("run_fraction", "precision", "channels_last"):
         del old[key]
     record.write_text(json.dumps(old))
-    check_same_run(tmp_path, OmegaConf.create({"seed": 1, "run_fraction": 0.5}), {})
+    check_same_run(tmp_path, OmegaConf.create({"seed": 1, "run_fraction": 0.5}), fast)
     with pytest.raises(ValueError, match="other settings of seed"):
-        check_same_run(tmp_path, OmegaConf.create({"seed": 2}), {})
+        check_same_run(tmp_path, OmegaConf.create({"seed": 2, "run_fraction": 0.5}), fast)
+    # the old record, once resumed, was completed: the keys it lacked are checked from now on
+    with pytest.raises(ValueError, match="other settings of run_fraction"):
+        check_same_run(tmp_path, OmegaConf.create({"seed": 1, "run_fraction": 1.0}), fast)

@@ -104,3 +104,22 @@ def test_the_cpu_ledger_adds_every_invocation_of_a_resumed_search(tmp_path):
     (tmp_path / "cpu_ledger.json").write_text(json.dumps(entries))
     assert cost.ledger_cpu(tmp_path, "smooth_asha", 10) == 150.0
     assert cost.ledger_cpu(tmp_path, "smooth_asha", 50) is None
+    entries.append({"search": "smooth_tpe", "size": 50, "cpu_s": 5.0, "predates_ledger": True})
+    (tmp_path / "cpu_ledger.json").write_text(json.dumps(entries))
+    assert cost.ledger_cpu(tmp_path, "smooth_tpe", 50) is None  # its earlier sweep uncounted
+
+
+def test_a_search_that_is_killed_still_adds_its_cpu_to_the_ledger(tmp_path, monkeypatch):
+    def killed_sweep(*args):
+        sum(i * i for i in range(2_000_000))  # CPU of this process, not a child's: 0 counted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cost, "run_search", killed_sweep)
+    (tmp_path / "smooth_asha" / "n10" / "trial_0").mkdir(parents=True)
+    (tmp_path / "smooth_asha" / "n10" / "trial_0" / "metrics.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        cost.search_with_ledger("smooth_asha", 10, 4, 1, tmp_path, "data")
+    (entry,) = json.loads((tmp_path / "cpu_ledger.json").read_text())
+    assert entry["search"] == "smooth_asha" and entry["size"] == 10
+    assert entry["predates_ledger"] is True  # a run was there before the first entry
+    assert cost.ledger_cpu(tmp_path, "smooth_asha", 10) is None
