@@ -69,7 +69,7 @@ def check_same_run(run_dir: Path, cfg: DictConfig, resolved: dict[str, Any] | No
     identity = _jsonable({**run_identity(cfg), **(resolved or {})})
     if not record.exists():
         if rank_zero_only.rank == 0:
-            record.write_text(json.dumps({**previous, **identity}, indent=1, sort_keys=True))
+            record.write_text(json.dumps(identity, indent=1, sort_keys=True))
         return
     previous = json.loads(record.read_text())
     changed = [k for k in identity if k in previous and previous[k] != identity[k]]
