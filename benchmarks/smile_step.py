@@ -45,7 +45,7 @@ from torch import Tensor
 from lightning_stl.callbacks import MeanTeacherUpdate
 from lightning_stl.methods import FineTune
 from lightning_stl.models.mean_teacher import MeanTeacher
-from lightning_stl.speed import to_channels_last
+from lightning_stl.speed import compile_models, to_channels_last
 
 WARMUP = 2  # untimed steps of each before the rounds (allocator, oneDNN kernels)
 DECAY = 0.999
@@ -177,6 +177,9 @@ def main() -> None:
         action="store_true",
         help="the fast mode (lightning_stl/speed.py): channels_last, bf16 autocast",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="speed.compile: torch.compile every model"
+    )
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -192,6 +195,9 @@ def main() -> None:
         def context() -> contextlib.AbstractContextManager:
             return torch.autocast("cpu", dtype=torch.bfloat16)
 
+    if args.compile:
+        for module in modules.values():
+            compile_models(module, None)
     plain_step, smile_step = (
         make_step(modules[name], x, y, context) for name in ("plain", "smile")
     )
@@ -233,7 +239,8 @@ def main() -> None:
         f"{args.batch_size}x3x{args.image_size}x{args.image_size}, {args.target_classes} target / "
         f"{args.source_classes} source classes; {args.repeats} rounds x {args.steps} step pairs, "
         f"{args.teacher_updates} update pairs ({elapsed:.0f} s); "
-        f"{'fast mode (channels_last, bf16 autocast)' if args.fast else 'float32'}; "
+        f"{'fast mode (channels_last, bf16 autocast)' if args.fast else 'float32'}"
+        f"{', torch.compile' if args.compile else ''}; "
         f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}"
     )
     print(f"plain fine-tuning {plain * 1e3:8.1f} ms/step  (round medians: {per_round(0)})")

@@ -96,5 +96,10 @@ def compile_models(module: nn.Module, cache_dir: str | Path | None) -> list[str]
     for name, child in module.named_children():
         if any(p.numel() for p in child.parameters()):
             child.compile()
+            # timm's interface: FineTune's training step calls a backbone's forward_features and
+            # forward_head, which Module.compile (it wraps __call__) leaves out
+            for method in ("forward_features", "forward_head"):
+                if callable(getattr(child, method, None)):
+                    setattr(child, method, torch.compile(getattr(child, method)))
             names.append(name)
     return names

@@ -116,10 +116,17 @@ def test_fast_mode_false_trains_in_float32(tmp_path, data_dir):
 def test_compile_models_compiles_each_model_in_place_with_its_keys(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
+    class Backbone(nn.Sequential):  # timm's interface, as FineTune's training step calls it
+        def forward_features(self, x):
+            return self(x)
+
+        def forward_head(self, x, pre_logits=False):
+            return x.mean(dim=(2, 3))
+
     class Module(nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+            self.backbone = Backbone(nn.Conv2d(1, 4, 3), nn.ReLU())
             self.head = nn.Linear(4, 2)
             self.empty = nn.Identity()
 
@@ -128,6 +135,8 @@ def test_compile_models_compiles_each_model_in_place_with_its_keys(tmp_path, mon
     assert speed.compile_models(module, tmp_path / "cache") == ["backbone", "head"]
     assert list(module.state_dict()) == keys  # checkpoints unchanged
     assert module.backbone._compiled_call_impl is not None
+    for method in ("forward_features", "forward_head"):  # what a fine-tuning step calls
+        assert hasattr(getattr(module.backbone, method), "_torchdynamo_orig_callable"), method
     assert module.empty._compiled_call_impl is None
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
 
