@@ -15,8 +15,9 @@ searches' seed: a search's view of ω), and reports per N and fraction:
   second full run does.
 
 Writes ``experiments/results/<pair>/fidelity_ranking/{runs.csv,ranking.md}``. Resumable: a run
-folder with its ``metrics.json`` is read, not trained again, so a killed measurement started
-again continues where it stopped; the tables are rewritten after every N.
+in that ``runs.csv`` (committed with the results) or a run folder with its ``metrics.json`` is
+read, not trained again, so a killed measurement started again, here or on a fresh clone,
+continues where it stopped; the tables are rewritten after every ω.
 
     python experiments/fidelity_ranking.py --sizes 10 50 --omegas 30
 """
@@ -72,6 +73,38 @@ def train_run(overrides: list[str], run_dir: Path, data_dir: str) -> dict[str, A
         check_same_run(run_dir, cfg)
         return json.loads((run_dir / "metrics.json").read_text())
     return train(cfg)
+
+
+def recorded_rows(
+    path: Path, omegas: list[dict[str, float]]
+) -> dict[tuple[int, int, float, int], dict[str, Any]]:
+    """The rows of an earlier ``runs.csv`` (committed with the results) by (N, ω, fraction,
+    seed), so that a measurement continued on a machine without the run folders does not train
+    them again. A row whose ω differs from the one drawn now is refused."""
+    if not path.exists():
+        return {}
+    found = {}
+    with path.open() as handle:
+        for raw in csv.DictReader(handle):
+            row: dict[str, Any] = {
+                k: (None if v == "" else _number(v)) if k != "status" else v for k, v in raw.items()
+            }
+            row["seed"] = int(row.get("seed") or SEARCH_SEED)
+            omega = omegas[int(row["omega"])]
+            drawn = {k.rsplit(".", 1)[-1]: v for k, v in omega.items()}
+            if any(abs(float(row[k]) - v) > 1e-9 * max(1.0, abs(v)) for k, v in drawn.items()):
+                raise ValueError(
+                    f"{path} holds ω {int(row['omega'])} = {[row[k] for k in drawn]}, not the "
+                    f"{list(drawn.values())} drawn now: use the same --sampler-seed, or --out"
+                )
+            key = (int(row["target_size"]), int(row["omega"]), float(row["fraction"]), row["seed"])
+            found[key] = row
+    return found
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
 def bootstrap_spearman(
@@ -183,11 +216,15 @@ def main() -> None:
     runs = [(fraction, SEARCH_SEED) for fraction in fractions]
     if args.repeat_seed is not None:
         runs.append((1.0, args.repeat_seed))
+    recorded = recorded_rows(out / "runs.csv", omegas)
     rows: list[dict[str, Any]] = []
     started = time.time()
     for size in args.sizes:
         for index, omega in enumerate(omegas):
             for fraction, seed in runs:
+                if (size, index, fraction, seed) in recorded:  # committed: not trained again
+                    rows.append(recorded.pop((size, index, fraction, seed)))
+                    continue
                 run_dir = work / f"n{size}" / f"omega{index:02d}" / f"f{fraction:g}"
                 if seed != SEARCH_SEED:
                     run_dir = run_dir.with_name(f"{run_dir.name}_seed{seed}")
@@ -220,8 +257,8 @@ def main() -> None:
                 f"({(time.time() - started) / 60:.1f} min)",
                 flush=True,
             )
-            write_outputs(rows, fractions, out, args)
-    write_outputs(rows, fractions, out, args)
+            write_outputs(rows + list(recorded.values()), fractions, out, args)
+    write_outputs(rows + list(recorded.values()), fractions, out, args)
     print((out / "ranking.md").read_text())
 
 

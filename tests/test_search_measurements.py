@@ -123,3 +123,22 @@ def test_a_search_that_is_killed_still_adds_its_cpu_to_the_ledger(tmp_path, monk
     assert entry["search"] == "smooth_asha" and entry["size"] == 10
     assert entry["predates_ledger"] is True  # a run was there before the first entry
     assert cost.ledger_cpu(tmp_path, "smooth_asha", 10) is None
+
+
+def test_committed_ranking_rows_are_read_back_and_a_different_omega_is_refused(tmp_path):
+    omegas = [{"method.target_weight.t0": 0.1, "method.target_weight.tau": 0.5}]
+    path = tmp_path / "runs.csv"
+    path.write_text(
+        "target_size,omega,t0,tau,fraction,total_steps,val_acc,test_acc,status\n"
+        "10,0,0.1,0.5,0.125,300,0.75,0.72,ok\n"
+        "10,0,0.1,0.5,1.0,2370,,,diverged\n"
+    )
+    rows = ranking.recorded_rows(path, omegas)
+    assert set(rows) == {(10, 0, 0.125, 1000), (10, 0, 1.0, 1000)}  # seed: the search's
+    assert rows[(10, 0, 0.125, 1000)]["val_acc"] == 0.75
+    assert rows[(10, 0, 0.125, 1000)]["total_steps"] == 300
+    assert rows[(10, 0, 1.0, 1000)]["val_acc"] is None
+    with pytest.raises(ValueError, match="not the .* drawn now"):
+        ranking.recorded_rows(
+            path, [{"method.target_weight.t0": 0.2, "method.target_weight.tau": 0.5}]
+        )
