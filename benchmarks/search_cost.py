@@ -22,7 +22,9 @@ For each target size N of ``--sizes`` on the digits pair:
 Goal (issue 13): ≤ 25% of the protocol's compute for an ω whose retrained test accuracy is within
 the protocol's interval. Both searches and the retraining are resumable (SQLite studies, run
 folders with ``metrics.json``): start the same command again after a kill. Writes
-``experiments/results/digits/search_cost/{search_cost.md,runs.csv}`` after every N.
+``experiments/results/digits/search_cost/{search_cost.md,runs.csv,results.json}`` after every N;
+an N finished earlier (``results.json``, committed) is kept in the table, so the sizes can be run
+one invocation (one session) at a time: ``--sizes 10``, then ``--sizes 50``.
 
     python benchmarks/search_cost.py --sizes 10 50 --seeds 0 1 2 3 4 --jobs 2
 """
@@ -30,6 +32,7 @@ folders with ``metrics.json``): start the same command again after a kill. Write
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -156,8 +159,8 @@ def report(results: list[dict[str, Any]], seeds: list[int]) -> str:
             else f"not reached ({r['asha_s'] / r['protocol_s']:.0%} spent in all)"
         )
         p, a = (
-            [r["retrained"]["protocol"][s] for s in seeds],
-            [r["retrained"]["asha"][s] for s in seeds],
+            [r["retrained"]["protocol"][s] for s in r.get("seeds", seeds)],
+            [r["retrained"]["asha"][s] for s in r.get("seeds", seeds)],
         )
         (pm, ps, n), (am, as_, _) = mean_std(p), mean_std(a)
         diff, low, high, _ = paired_difference(p, a)
@@ -175,6 +178,19 @@ def report(results: list[dict[str, Any]], seeds: list[int]) -> str:
             f"{holds_zero} | {inside} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def load_results(path: Path) -> dict[int, dict[str, Any]]:
+    """The N finished by earlier invocations (``results.json``), seeds as integers again."""
+    if not path.exists():
+        return {}
+    results = {int(size): result for size, result in json.loads(path.read_text()).items()}
+    for result in results.values():
+        result["retrained"] = {
+            name: {int(seed): acc for seed, acc in accs.items()}
+            for name, accs in result["retrained"].items()
+        }
+    return results
 
 
 def _hours(runs_s: float, all_s: float | None) -> str:
@@ -203,7 +219,12 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    results, rows = [], []
+    saved = args.out / "results.json"
+    finished = load_results(saved)
+    rows: list[dict[str, Any]] = []
+    if (args.out / "runs.csv").exists():
+        with (args.out / "runs.csv").open() as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["size"]) not in args.sizes]
     for size in args.sizes:
         started = time.time()
         searches = {"protocol": PROTOCOL, "asha": ("smooth_asha", args.asha_trials)}
@@ -219,20 +240,21 @@ def main() -> None:
         retrained = {
             name: retrain(name, found[name][0], size, args.seeds, work, args.data) for name in found
         }
-        results.append(
-            {
-                "size": size,
-                "protocol_s": protocol_s,
-                "protocol_val": found["protocol"][1],
-                "protocol_all_s": ledger_cpu(work, PROTOCOL[0], size),
-                "asha_all_s": ledger_cpu(work, "smooth_asha", size),
-                "asha_s": asha_s,
-                "asha_val": found["asha"][1],
-                "reach_s": cost_to_reach(found["asha"][2], found["protocol"][1]),
-                "retrained": retrained,
-                "params": {name: found[name][0] for name in found},
-            }
-        )
+        finished[size] = {
+            "size": size,
+            "protocol_s": protocol_s,
+            "protocol_val": found["protocol"][1],
+            "protocol_all_s": ledger_cpu(work, PROTOCOL[0], size),
+            "asha_all_s": ledger_cpu(work, "smooth_asha", size),
+            "asha_s": asha_s,
+            "asha_val": found["asha"][1],
+            "reach_s": cost_to_reach(found["asha"][2], found["protocol"][1]),
+            "retrained": retrained,
+            "params": {name: found[name][0] for name in found},
+            "seeds": args.seeds,
+        }
+        saved.write_text(json.dumps(finished, indent=1, sort_keys=True))
+        results = [finished[n] for n in sorted(finished)]
         write_csv_rows(rows, args.out / "runs.csv")
         command = " ".join(["python benchmarks/search_cost.py", *sys.argv[1:]])
         params_lines = "".join(
@@ -242,10 +264,8 @@ def main() -> None:
         (args.out / "search_cost.md").write_text(
             f"The ω search on digits: the paper's protocol (99 TPE trials at full T, 11 at a time) "
             f"vs TPE + successive halving over T/8 ... T ({args.asha_trials} trials), search seed "
-            f"1000, retrained on seeds {args.seeds}.\n\n`{command}`\n\n"
-            + report(results, args.seeds)
-            + "\n"
-            + params_lines
+            f"1000, retrained on seeds {args.seeds}.\n\n`{command}` (and earlier invocations "
+            "for the other N)\n\n" + report(results, args.seeds) + "\n" + params_lines
         )
         print(f"N={size} done in {(time.time() - started) / 60:.1f} min", flush=True)
     print((args.out / "search_cost.md").read_text())

@@ -142,3 +142,13 @@ def test_committed_ranking_rows_are_read_back_and_a_different_omega_is_refused(t
         ranking.recorded_rows(
             path, [{"method.target_weight.t0": 0.2, "method.target_weight.tau": 0.5}]
         )
+
+
+def test_sizes_finished_by_earlier_invocations_come_back_with_integer_seeds(tmp_path):
+    saved = tmp_path / "results.json"
+    saved.write_text(
+        json.dumps({"10": {**result([70.0, 72.0], [71.0, 73.0], None), "seeds": [0, 1]}})
+    )
+    (loaded,) = cost.load_results(saved).values()
+    assert loaded["retrained"]["asha"] == {0: 71.0, 1: 73.0}
+    assert cells(cost.report([loaded], [7]).splitlines()[2])[6].startswith("+1.00 [")
