@@ -314,15 +314,17 @@ def test_a_rung_sweep_killed_mid_run_goes_on_with_the_same_trial_in_the_same_fol
     assert len({folder for folder, _ in runs}) == 6
 
 
-def test_a_rung_trial_killed_after_its_rung_was_reported_climbs_on_or_is_pruned_now(tmp_path):
-    """Killed between its rung's report and the pruner's decision: the decision is made first."""
+def reported_study(values) -> tuple[optuna.Study, list[optuna.Trial]]:
+    """A successive-halving study with one trial of worker "w" per value, each with its first
+    rung's value reported (status ok), not yet decided: what a sweep leaves between two rungs."""
+    import socket
+
     study = optuna.create_study(
         direction="maximize",
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
     )
-    import socket
-
-    for value in (0.9, 0.1):  # a second trial that the first outranks at rung 0
+    trials = []
+    for value in values:
         trial = study.ask()
         trial.suggest_float("x", 0.0, 1.0)
         for key, item in {
@@ -332,6 +334,13 @@ def test_a_rung_trial_killed_after_its_rung_was_reported_climbs_on_or_is_pruned_
         }.items():
             trial.set_user_attr(key, item)
         trial.report(value, 1)
+        trials.append(trial)
+    return study, trials
+
+
+def test_a_rung_trial_killed_after_its_rung_was_reported_climbs_on_or_is_pruned_now(tmp_path):
+    """Killed between its rung's report and the pruner's decision: the decision is made first."""
+    study, _ = reported_study((0.9, 0.1))  # a second trial that the first outranks at rung 0
     mark_dead(study)
     found = recover(study, "w", rungs=3)
     assert [(t.number, rung) for t, rung in found.resumed] == [(0, 1)]
@@ -347,24 +356,7 @@ def test_a_rung_trial_killed_after_its_rung_was_reported_climbs_on_or_is_pruned_
     ],
 )
 def test_a_verdict_made_before_a_kill_is_kept(status, value, asked, resumed):
-    study = optuna.create_study(
-        direction="maximize",
-        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
-    )
-    import socket
-
-    trials = []
-    for reported in (0.9, value):
-        trial = study.ask()
-        trial.suggest_float("x", 0.0, 1.0)
-        for key, item in {
-            "sweep_worker": "w",
-            "status": "ok",
-            "host": socket.gethostname(),
-        }.items():
-            trial.set_user_attr(key, item)
-        trial.report(reported, 1)
-        trials.append(trial)
+    study, trials = reported_study((0.9, value))
     assert trials[0].should_prune() is False
     study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)  # out of the way
     if asked:
