@@ -97,7 +97,8 @@ def shortened_trainer_arguments(
     max_steps: int | None,
     epochs: int,
     batches: int,
-    every: int | None | bool,
+    every: int | None,
+    validates: bool,
     fraction: float,
 ) -> dict[str, Any]:
     """The Trainer arguments of a stage at ``run_fraction`` f < 1: about f·T optimiser steps,
@@ -113,7 +114,7 @@ def shortened_trainer_arguments(
     per_epoch = batches // accumulate  # optimiser steps (check_shortenable: k divides b)
     total = max_steps or epochs * per_epoch
     interval = None
-    if every is not False:
+    if validates:
         within = trainer.get("val_check_interval")
         if isinstance(within, float) and within < 1 and every in (None, 1):  # of an epoch
             interval = max(1, round(within * per_epoch))

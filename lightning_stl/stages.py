@@ -236,7 +236,7 @@ def run_stage(
         extra.update(
             shortened_trainer_arguments(
                 cfg.trainer, stage.max_steps, stage.epochs, datamodule.steps_per_epoch(),
-                every if stage.validates else False, fraction,
+                every, stage.validates, fraction,
             )
         )  # fmt: skip
     trainer: L.Trainer = hydra.utils.instantiate(
